@@ -1,0 +1,38 @@
+# Every target works on a fresh clone: the virtual environment is created and filled on first use,
+# and refilled whenever pyproject.toml changes.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP_FLAGS ?= --quiet --disable-pip-version-check
+export FLWR_TELEMETRY_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup run test test-slow bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(PIP_FLAGS) -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed-test  ## the environment for development: package, test tools
+
+run: $(VENV)/.installed  ## the quickstart job: SST-2, MiniLM + LoRA, 4 clients in this process
+	$(BIN)/securefed run examples/quickstart.toml
+
+test: $(VENV)/.installed-test  ## the default (fast) test tier
+	$(BIN)/python -m pytest
+
+test-slow: $(VENV)/.installed-test  ## the slow tier: whole jobs on real data
+	$(BIN)/python -m pytest -m slow
+
+bench: $(VENV)/.installed-test  ## benchmarks; each prints JSON against a baseline measured in the same run
+	$(BIN)/python benchmarks/round.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,134 @@
+"""The `securefed` command. The only module that prints for humans or chooses exit codes.
+
+A user error (any SecurefedError) is one line on stderr and exit code 2; a traceback
+means a bug in securefed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import load_job
+from .errors import SecurefedError
+from .interfaces import Observer
+
+app = typer.Typer(
+    name="securefed",
+    help="Federated fine-tuning of language models, in-process or across machines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+EXIT_USER_ERROR = 2
+
+
+class ProgressObserver(Observer):
+    """Two bars: rounds, and the local steps of the client training now."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.rounds = progress.add_task("rounds", total=None)
+        self.steps = progress.add_task("local steps", total=None, visible=False)
+
+    def round_started(self, round: int, rounds: int, cohort: Sequence[int]) -> None:
+        self.progress.update(self.rounds, total=rounds, completed=round - 1,
+                             description=f"round {round}/{rounds} ({len(cohort)} clients)")
+
+    def local_progress(self, client: int, step: int, steps: int) -> None:
+        self.progress.update(self.steps, total=steps, completed=step, visible=True,
+                             description=f"  client {client} local steps")
+
+    def round_finished(self, record: Mapping) -> None:
+        self.progress.update(self.rounds, completed=record["round"])
+        self.progress.update(self.steps, visible=False)
+        accuracy = record.get("dev_accuracy")
+        shown = "-" if accuracy is None else f"{accuracy:.4f}"
+        self.progress.console.print(f"round {record['round']}: dev accuracy {shown}, "
+                                    f"train loss {_num(record.get('train_loss'))}", markup=False)
+
+    def notice(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]{text}[/yellow]", highlight=False)
+
+
+@app.command()
+def run(
+    job: Annotated[Path, typer.Argument(help="the job TOML")],
+    out: Annotated[Path | None, typer.Option("--out", help="run directory (default: runs/<name>)")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue this run directory")] = None,
+) -> None:
+    """Run a federated job with every client in this process."""
+    from .runtime.local import execute, prepare
+
+    if out is not None and resume is not None:
+        raise SecurefedError("give --out for a new run or --resume for an existing one, not both")
+    config = load_job(job)
+    with console.status("loading data and model"):
+        prepared = prepare(config, out=out, resume=resume)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        result = execute(prepared, observer=ProgressObserver(progress))
+    console.print(_summary(result.records))
+    console.print(f"run directory: {result.run.path}", markup=False, highlight=False)
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Load the run's model/ with PeftModel.from_pretrained on its base and score it on the dev split."""
+    from .job import evaluate_saved
+    from .rundir import RunDir
+
+    run_ = RunDir(run_dir)
+    if not run_.job_file.is_file():
+        raise SecurefedError(f"{run_dir} is not a securefed run directory (no job.toml)")
+    result = evaluate_saved(run_, load_job(run_.job_file))
+    if as_json:
+        print(json.dumps({"dev_accuracy": result.accuracy, "dev_loss": result.loss, "examples": result.examples}))
+    else:
+        print(f"dev accuracy {result.accuracy:.4f}, dev loss {result.loss:.4f} ({result.examples} examples)")
+
+
+def _summary(records: Sequence[Mapping]) -> Table:
+    table = Table(title="rounds")
+    for name in ("round", "clients", "train loss", "dev loss", "dev acc", "KB down", "KB up", "train s", "comm s",
+                 "agg s", "eval s"):
+        table.add_column(name, justify="right")
+    for r in records:
+        s = r["seconds"]
+        table.add_row(str(r["round"]), f"{r['contributors']}/{r['cohort']}", _num(r["train_loss"]),
+                      _num(r["dev_loss"]), _num(r["dev_accuracy"]), f"{r['bytes_down'] / 1024:.0f}",
+                      f"{r['bytes_up'] / 1024:.0f}", f"{s['train']:.1f}", f"{s['communication']:.2f}",
+                      f"{s['aggregation']:.3f}", f"{s['evaluation']:.1f}")
+    return table
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def main() -> None:
+    try:
+        app()
+    except SecurefedError as exc:
+        message = " ".join(str(exc).split())
+        print(f"securefed: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("securefed: interrupted; finished rounds are saved, continue with --resume RUN_DIR", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""One client's work in a round: local training from the global weights, then its update into the secure sum."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import EncodedDataset, PadCollator
+from .errors import ProtocolError
+from .interfaces import LossTerm, Observer, SumClient
+from .models import FlatView
+from .protocol import Message, TrainIns, TrainRes
+from .seeding import stream, stream_seed
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    steps: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    seed: int
+
+
+class Client:
+    def __init__(
+        self,
+        cid: int,
+        model: torch.nn.Module,
+        view: FlatView,
+        data: EncodedDataset,
+        collator: PadCollator,
+        training: LocalTraining,
+        secure_sum: SumClient,
+        loss_terms: Sequence[LossTerm] = (),
+        observer: Observer | None = None,
+    ):
+        self.cid = cid
+        self.model = model
+        self.view = view
+        self.data = data
+        self.collator = collator
+        self.training = training
+        self.secure_sum = secure_sum
+        self.loss_terms = tuple(loss_terms)
+        self.observer = observer or Observer()
+
+    @property
+    def examples(self) -> int:
+        return len(self.data)
+
+    def handle(self, msg: Message) -> Message:
+        if isinstance(msg, TrainIns):
+            return self.train(msg)
+        return self.secure_sum.reply(msg)
+
+    def train(self, ins: TrainIns) -> TrainRes:
+        """Train from `ins.weights`; the update n_k·(θ_local − θ_global) and n_k go into the secure sum."""
+        started = time.perf_counter()
+        if ins.spec != self.view.spec.digest:
+            raise ProtocolError("TrainIns is for a different model spec (model, PEFT method or settings differ)")
+        if ins.weights.shape != (self.view.size,):
+            raise ProtocolError(f"TrainIns carries {ins.weights.shape[0]} weights, the model has {self.view.size}")
+        self.view.set(ins.weights)
+        losses = self._train_locally(ins.round)
+        n = float(self.examples)
+        update = (self.view.get() - ins.weights) * np.float32(n)
+        vector = np.append(update, np.float32(n)).astype(np.float32)
+        metrics = {"loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
+        return TrainRes(round=ins.round, metrics=metrics, upload=self.secure_sum.upload(ins.round, vector))
+
+    def _train_locally(self, round: int) -> list[float]:
+        cfg = self.training
+        optimizer = torch.optim.AdamW(self.view.parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        losses = []
+        self.model.train()
+        # Dropout draws from torch's global generator: seed it per (round, client), then restore it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stream_seed(cfg.seed, "dropout", round, self.cid))
+            for step, indices in enumerate(self._batches(round), start=1):
+                batch = self.collator.batch(self.data, indices)
+                outputs = self.model(**batch)
+                loss = outputs.loss
+                for term in self.loss_terms:
+                    loss = loss + term(self.model, batch, outputs)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                self.observer.local_progress(self.cid, step, cfg.steps)
+        return losses
+
+    def _batches(self, round: int) -> Iterator[np.ndarray]:
+        """`steps` batches drawn without replacement from shuffled passes over the client's data."""
+        rng = stream(self.training.seed, "batches", round, self.cid)
+        size = min(self.training.batch_size, self.examples)
+        order = np.empty(0, dtype=np.int64)
+        for _ in range(self.training.steps):
+            if len(order) < size:
+                order = np.concatenate([order, rng.permutation(self.examples)])
+            yield order[:size]
+            order = order[size:]

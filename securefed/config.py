@@ -1,0 +1,226 @@
+"""The job TOML, as pydantic models.
+
+Every section and field is validated; anything unknown is an error, so a setting for
+a feature this version lacks fails loudly instead of being ignored. Relative paths are
+resolved against the TOML file's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+BUILTIN_DATASETS = ("sst2", "ag_news")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("minilm", min_length=1,
+                      description="a registered model name, or a path to a local Hugging Face directory")
+
+
+class LoraConfig(Section):
+    method: Literal["lora"]
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+
+
+class IA3Config(Section):
+    method: Literal["ia3"]
+    target_modules: list[str] | None = None
+    feedforward_modules: list[str] | None = None
+
+
+class PromptTuningConfig(Section):
+    method: Literal["prompt"]
+    virtual_tokens: int = Field(20, ge=1, le=512)
+
+
+class PrefixTuningConfig(Section):
+    method: Literal["prefix"]
+    virtual_tokens: int = Field(20, ge=1, le=512)
+
+
+PeftConfig = Annotated[
+    LoraConfig | IA3Config | PromptTuningConfig | PrefixTuningConfig, Field(discriminator="method")
+]
+
+
+class DataConfig(Section):
+    dataset: Literal["sst2", "ag_news"] | None = None
+    train: Path | None = None
+    dev: Path | None = None
+    format: Literal["csv", "tsv", "jsonl"] | None = None
+    header: bool = True
+    columns: list[str] | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    max_length: int = Field(128, ge=8, le=4096)
+    eval_batch_size: int = Field(64, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        files = self.train is not None or self.dev is not None
+        if self.dataset is not None and files:
+            raise ValueError("give either dataset or train/dev files, not both")
+        if self.dataset is None and (self.train is None or self.dev is None):
+            raise ValueError(f"give dataset (one of {', '.join(BUILTIN_DATASETS)}) or both train and dev files")
+        if self.columns is not None and self.header:
+            raise ValueError("columns names the fields of a file without a header: set header = false")
+        return self
+
+
+class IidPartition(Section):
+    method: Literal["iid"]
+
+
+class DirichletPartition(Section):
+    method: Literal["dirichlet"]
+    alpha: float = Field(gt=0, le=1e6)
+    min_examples: int = Field(8, ge=1, description="every client gets at least this many examples")
+
+
+class ByFieldPartition(Section):
+    method: Literal["by_field"]
+    field: str
+
+
+PartitionConfig = Annotated[IidPartition | DirichletPartition | ByFieldPartition, Field(discriminator="method")]
+
+
+class FederationConfig(Section):
+    rounds: int = Field(ge=1, le=100_000)
+    clients: int = Field(ge=1, le=100_000)
+    clients_per_round: int | None = Field(None, ge=1, description="default: every client, every round")
+    local_steps: int = Field(ge=1, le=1_000_000)
+    batch_size: int = Field(32, ge=1, le=65_536)
+    learning_rate: float = Field(gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    seed: int = Field(0, ge=0, lt=2**63)
+
+    @model_validator(mode="after")
+    def _cohort_fits(self) -> FederationConfig:
+        if self.clients_per_round is not None and self.clients_per_round > self.clients:
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})")
+        return self
+
+    @property
+    def cohort_size(self) -> int:
+        return self.clients_per_round or self.clients
+
+
+class OutputConfig(Section):
+    dir: Path | None = Field(None, description="default: runs/<name> beside the current directory")
+
+
+class JobConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    model: ModelConfig = ModelConfig()
+    peft: PeftConfig = LoraConfig(method="lora")
+    data: DataConfig
+    partition: PartitionConfig = IidPartition(method="iid")
+    federation: FederationConfig
+    output: OutputConfig = OutputConfig()
+
+    def to_toml(self) -> str:
+        """The resolved job: every default filled in, every path absolute."""
+        return dump_toml(self.model_dump(mode="json", exclude_none=True))
+
+    def fingerprint(self, *, ignore: tuple[str, ...] = ("output",)) -> str:
+        """A hash of what determines the run's result (output location excluded)."""
+        content = self.model_dump(mode="json", exclude=set(ignore))
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def load_job(path: str | Path) -> JobConfig:
+    """Read and validate a job TOML; raise ConfigError naming the file and the field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read job file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_job(raw, source=str(path), base_dir=path.resolve().parent)
+
+
+def parse_job(raw: dict[str, Any], *, source: str, base_dir: Path) -> JobConfig:
+    try:
+        job = JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+    return _resolve_paths(job, base_dir)
+
+
+def _resolve_paths(job: JobConfig, base_dir: Path) -> JobConfig:
+    def absolute(p: Path | None) -> Path | None:
+        return None if p is None else (base_dir / p.expanduser()).resolve()
+
+    data = job.data.model_copy(update={"train": absolute(job.data.train), "dev": absolute(job.data.dev)})
+    output = job.output.model_copy(update={"dir": absolute(job.output.dir)})
+    model = job.model
+    if _is_path(model.name):
+        model = model.model_copy(update={"name": str(absolute(Path(model.name)))})
+    return job.model_copy(update={"data": data, "output": output, "model": model})
+
+
+def _is_path(name: str) -> bool:
+    """Registered model names are bare words; anything with a path separator or a leading . or ~ is a folder."""
+    return "/" in name or "\\" in name or name.startswith((".", "~"))
+
+
+_TAGS = {"lora", "ia3", "prompt", "prefix", "iid", "dirichlet", "by_field"}
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line: the first problem with its dotted field path, and how many more there are."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    # Discriminated unions put the tag into the location; users never wrote it.
+    loc = ".".join(str(part) for i, part in enumerate(first["loc"]) if not (i == 1 and part in _TAGS))
+    if first["type"] == "extra_forbidden":
+        msg = "unknown setting (not supported by this version of securefed)"
+    elif first["type"] == "missing":
+        msg = "required setting is missing"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{loc or 'job'}: {msg}{more}"
+
+
+def dump_toml(doc: dict[str, Any]) -> str:
+    """TOML writer for the flat two-level documents a JobConfig produces."""
+    top = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
+    lines = top + [""] if top else []
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            lines.append(f"[{key}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

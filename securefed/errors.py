@@ -1,0 +1,33 @@
+"""Exceptions that describe a user's mistake or a bad peer, never a bug.
+
+The CLI prints any `SecurefedError` as one line and exits with code 2. Everything
+else is a bug and keeps its traceback.
+"""
+
+
+class SecurefedError(Exception):
+    """Base of every error that is reported to the user as one line."""
+
+
+class ConfigError(SecurefedError):
+    """The job TOML is missing, malformed or names an invalid value."""
+
+
+class DataError(SecurefedError):
+    """A dataset file is missing, unreadable or does not fit the job."""
+
+
+class ModelError(SecurefedError):
+    """A model cannot be found, loaded or adapted, or its spec does not match."""
+
+
+class ProtocolError(SecurefedError):
+    """A message from a peer is malformed, too large or out of order."""
+
+
+class RunDirError(SecurefedError):
+    """A run directory cannot be created, or cannot be resumed as asked."""
+
+
+class RoundAborted(SecurefedError):
+    """A round could not complete (for example too many dropouts); the job goes on."""

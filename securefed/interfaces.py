@@ -1,0 +1,114 @@
+"""What client and server may know of a mechanism, and of the runtime that carries their messages.
+
+client.py and server.py see only these types. job.py picks the implementations, so a new
+secure sum, loss term or runtime is a new file plus a line in job.py.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import ProtocolError
+from .protocol import Message
+
+if TYPE_CHECKING:
+    import torch
+
+
+# ---------------------------------------------------------------- secure sum
+
+
+@dataclass(frozen=True)
+class SumResult:
+    """The sum of the contributors' vectors; nothing about any single one."""
+
+    total: np.ndarray
+    contributors: tuple[int, ...]
+    rejected: Mapping[int, str] = field(default_factory=dict)
+
+
+class SumClient(ABC):
+    """One client's side of a secure-sum protocol: a state machine over typed messages."""
+
+    @abstractmethod
+    def upload(self, round: int, vector: np.ndarray) -> Message:
+        """The first message of the round, carrying (a protected form of) `vector`."""
+
+    def reply(self, request: Message) -> Message:
+        """Answer a follow-up stage of the protocol."""
+        raise ProtocolError(f"unexpected {type(request).__name__} for this secure-sum protocol")
+
+
+class SumServer(ABC):
+    """The server's side: collects uploads, may ask for more, and yields only the sum."""
+
+    @abstractmethod
+    def open(self, round: int, cohort: Sequence[int], size: int) -> None:
+        """Start a round for `cohort`, whose vectors have `size` entries."""
+
+    @abstractmethod
+    def step(self, replies: Mapping[int, Message]) -> Mapping[int, Message] | SumResult:
+        """Take the replies that arrived; return the next requests, or the result.
+
+        Raises RoundAborted when the sum cannot be completed.
+        """
+
+
+# ---------------------------------------------------------------- local training
+
+
+class LossTerm(ABC):
+    """An extra term of a client's local loss, added to the task loss for every batch."""
+
+    name: str
+
+    @abstractmethod
+    def __call__(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], outputs) -> torch.Tensor:
+        """A scalar tensor to add to the loss."""
+
+
+# ---------------------------------------------------------------- runtime
+
+
+@dataclass
+class Exchange:
+    """What came back from sending one message to each of several clients."""
+
+    replies: dict[int, Message]
+    dropped: dict[int, str]
+    bytes_down: int = 0
+    bytes_up: int = 0
+    seconds: float = 0.0  # wall time of the whole exchange
+    client_seconds: float = 0.0  # of which the clients spent computing
+
+
+class Grid(ABC):
+    """Carries messages between the server and clients; knows nothing of their meaning."""
+
+    @abstractmethod
+    def exchange(self, requests: Mapping[int, Message]) -> Exchange:
+        """Deliver each request to its client and collect the replies; a vanished client is `dropped`."""
+
+
+# ---------------------------------------------------------------- progress
+
+
+class Observer:
+    """Receives progress events; the CLI shows them, everything else ignores them."""
+
+    def round_started(self, round: int, rounds: int, cohort: Sequence[int]) -> None:
+        pass
+
+    def local_progress(self, client: int, step: int, steps: int) -> None:
+        pass
+
+    def round_finished(self, record: Mapping) -> None:
+        pass
+
+    def notice(self, text: str) -> None:
+        pass

@@ -1,0 +1,90 @@
+"""The assembler: turns a JobConfig into a task, clients and a server, choosing each mechanism.
+
+Adding a mechanism (a secure sum, a training wrapper, a loss term) means a new module and
+a line here; client.py and server.py stay as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .client import Client, LocalTraining
+from .config import JobConfig
+from .data import EncodedDataset, PadCollator, Splits, encode, load_splits, partition
+from .interfaces import Grid, Observer, SumClient, SumServer
+from .models import Evaluation, ModelBundle, build_model, evaluate
+from .models.saved import load_adapter, save_adapter
+from .rundir import RunDir
+from .secagg.plaintext import PlainSumClient, PlainSumServer
+from .seeding import stream_seed
+from .server import Schedule, Server
+
+@dataclass
+class Task:
+    """What every party of an in-process job shares: data splits, the one model, its tokenized data."""
+
+    config: JobConfig
+    splits: Splits
+    bundle: ModelBundle
+    train: EncodedDataset
+    dev: EncodedDataset
+    collator: PadCollator
+
+    def evaluate(self, weights: np.ndarray) -> Evaluation:
+        self.bundle.view.set(weights)
+        return evaluate(self.bundle.model, self.dev, self.collator, self.config.data.eval_batch_size)
+
+
+def load_task(config: JobConfig) -> Task:
+    splits = load_splits(config.data)
+    bundle = build_model(config.model, config.peft, splits.label_names, stream_seed(config.federation.seed, "init"))
+    max_length = config.data.max_length
+    train = encode(splits.train.texts, bundle.tokenizer, max_length, splits.train.labels)
+    dev = encode(splits.dev.texts, bundle.tokenizer, max_length, splits.dev.labels)
+    return Task(config, splits, bundle, train, dev, PadCollator(bundle.tokenizer.pad_token_id))
+
+
+def secure_sum_server(config: JobConfig) -> SumServer:
+    return PlainSumServer()
+
+
+def secure_sum_client(config: JobConfig, cid: int) -> SumClient:
+    return PlainSumClient()
+
+
+def client_datasets(task: Task) -> list[EncodedDataset]:
+    fed = task.config.federation
+    parts = partition(task.splits.train, fed.clients, task.config.partition, fed.seed)
+    return [task.train.subset(indices) for indices in parts]
+
+
+def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer | None = None) -> Client:
+    fed = task.config.federation
+    training = LocalTraining(steps=fed.local_steps, batch_size=fed.batch_size, learning_rate=fed.learning_rate,
+                             weight_decay=fed.weight_decay, seed=fed.seed)
+    return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training,
+                  secure_sum_client(task.config, cid), observer=observer)
+
+
+def make_server(task: Task, grid: Grid, run: RunDir, observer: Observer | None = None) -> Server:
+    fed = task.config.federation
+    schedule = Schedule(rounds=fed.rounds, clients=fed.clients, cohort_size=fed.cohort_size, seed=fed.seed)
+    return Server(schedule, task.bundle.view.spec.digest, secure_sum_server(task.config), grid, run,
+                  task.evaluate, observer)
+
+
+def save_model(task: Task, weights: np.ndarray, directory: Path) -> None:
+    task.bundle.view.set(weights)
+    save_adapter(task.bundle.model, task.bundle.tokenizer, directory, model_name=task.config.model.name,
+                 base_path=task.bundle.base_path, labels=task.splits.label_names, spec=task.bundle.view.spec.digest)
+
+
+def evaluate_saved(run: RunDir, config: JobConfig) -> Evaluation:
+    """Dev metrics of the run's saved model, loaded the way a user would: base + PeftModel.from_pretrained."""
+    splits = load_splits(config.data)
+    model, tokenizer, _ = load_adapter(run.model_dir)
+    dev = encode(splits.dev.texts, tokenizer, config.data.max_length, splits.dev.labels)
+    return evaluate(model, dev, PadCollator(tokenizer.pad_token_id), config.data.eval_batch_size)

@@ -1,0 +1,34 @@
+"""The messages of one federated round that every secure-sum mechanism shares.
+
+Mechanism-specific messages (the secure sum's uploads and follow-up stages) live with
+their mechanism and register their own tags. Tags: 1-15 here, 16-31 plaintext sum,
+32-63 SecAgg+, 64-95 CKKS.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+
+from .codec import Array, MaxLen, Message, message
+
+SpecDigest = Annotated[bytes, MaxLen(32)]
+
+
+@message(1)
+class TrainIns(Message):
+    """Server to client: train on your data starting from these weights."""
+
+    round: int
+    spec: SpecDigest
+    weights: Annotated[np.ndarray, Array(("float32",))]
+
+
+@message(2)
+class TrainRes(Message):
+    """Client to server: training metrics, and the first message of the secure sum carrying the update."""
+
+    round: int
+    metrics: dict[str, float]
+    upload: Message

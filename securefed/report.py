@@ -1,0 +1,70 @@
+"""report.md and its plots, written from a run directory's metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .config import JobConfig
+from .rundir import RunDir
+
+ACCURACY_PLOT = "accuracy.png"
+
+
+def write_report(run: RunDir, job: JobConfig, records: Sequence[dict]) -> None:
+    plotted = _plot_accuracy(run, records)
+    fed = job.federation
+    done = [r for r in records if r.get("dev_accuracy") is not None]
+    final = done[-1]["dev_accuracy"] if done else None
+    lines = [
+        f"# Run report: {job.name}",
+        "",
+        f"- Model: `{job.model.name}` with {job.peft.method}",
+        f"- Data: {job.data.dataset or job.data.train}, partition {job.partition.method}"
+        + (f" (alpha={job.partition.alpha})" if job.partition.method == "dirichlet" else ""),
+        f"- Federation: {fed.clients} clients, {fed.cohort_size} per round, {fed.rounds} rounds of "
+        f"{fed.local_steps} local steps (batch {fed.batch_size}, learning rate {fed.learning_rate}), seed {fed.seed}",
+        "- Aggregation: plaintext FedAvg. The server sees every client's update; "
+        "this version has no secure aggregation and no differential privacy yet.",
+        f"- Rounds completed: {len(records)} of {fed.rounds}",
+        f"- Final dev accuracy: {final:.4f}" if final is not None else "- Final dev accuracy: not evaluated",
+        "",
+    ]
+    if plotted:
+        lines += [f"![dev accuracy per round]({ACCURACY_PLOT})", ""]
+    lines += [
+        "| round | clients | dropped | train loss | dev loss | dev accuracy | KB down | KB up | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        seconds = sum(r["seconds"].values())
+        lines.append(
+            f"| {r['round']} | {r['contributors']}/{r['cohort']} | {r['dropped']} | {_fmt(r['train_loss'])} | "
+            f"{_fmt(r['dev_loss'])} | {_fmt(r['dev_accuracy'])} | {r['bytes_down'] / 1024:.1f} | "
+            f"{r['bytes_up'] / 1024:.1f} | {seconds:.1f} |"
+        )
+    run.report_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _plot_accuracy(run: RunDir, records: Sequence[dict]) -> bool:
+    points = [(r["round"], r["dev_accuracy"]) for r in records if r.get("dev_accuracy") is not None]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(*zip(*points), marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel("dev accuracy")
+    ax.set_title("Dev accuracy per round")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run.path / ACCURACY_PLOT)
+    plt.close(fig)
+    return True

@@ -1,0 +1,167 @@
+"""The run directory: resolved job, per-round metrics, checkpoints, model and report.
+
+A round is committed when its checkpoint is renamed into place. Metrics are written just
+before; on resume any metrics line past the last checkpoint is dropped and that round
+runs again, so a crash at any point loses at most the round in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from .config import JobConfig, load_job
+from .errors import ConfigError, RunDirError
+
+_CHECKPOINT = re.compile(r"^round-(\d{5,})\.safetensors$")
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = path
+
+    job_file = property(lambda self: self.path / "job.toml")
+    metrics_file = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    model_dir = property(lambda self: self.path / "model")
+    report_file = property(lambda self: self.path / "report.md")
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def create(cls, job: JobConfig, out: Path | None = None) -> RunDir:
+        """A new, empty run directory; never reuses one that holds anything."""
+        explicit = out or job.output.dir
+        path = explicit or _free_default(Path("runs") / job.name)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise RunDirError(f"{path} already exists and is not empty; pass --resume {path} to continue that run, "
+                              "or --out to start a new one elsewhere")
+        try:
+            (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot create run directory {path}: {exc.strerror}") from None
+        run = cls(path)
+        _write_atomic(run.job_file, job.to_toml().encode())
+        return run
+
+    @classmethod
+    def resume(cls, path: Path, job: JobConfig) -> RunDir:
+        """An existing run of the same job (output location aside)."""
+        run = cls(path)
+        if not run.job_file.is_file():
+            raise RunDirError(f"{path} is not a securefed run directory (no job.toml)")
+        try:
+            recorded = load_job(run.job_file)
+        except ConfigError as exc:
+            raise RunDirError(f"cannot resume {path}: {exc}") from None
+        if recorded.fingerprint() != job.fingerprint():
+            raise RunDirError(f"cannot resume {path}: its job.toml differs from this job "
+                              f"({_first_difference(recorded, job)})")
+        return run
+
+    # ------------------------------------------------------------ rounds
+
+    def last_checkpoint(self, size: int, spec: bytes) -> tuple[int, np.ndarray] | None:
+        """The last committed round and its weights, or None before the first commit."""
+        found = sorted(self._checkpoint_rounds(), reverse=True)
+        if not found:
+            return None
+        path = self._checkpoint_path(found[0])
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise RunDirError(f"{path}: unreadable checkpoint ({exc})") from None
+        weights = tensors.get("weights")
+        if weights is None or weights.shape != (size,) or weights.dtype != np.float32:
+            raise RunDirError(f"{path}: checkpoint does not hold {size} float32 weights")
+        if tensors.get("spec") is None or bytes(tensors["spec"]) != spec:
+            raise RunDirError(f"{path}: checkpoint was made for a different model spec")
+        return found[0], weights
+
+    def commit(self, round: int, weights: np.ndarray, spec: bytes, record: dict) -> None:
+        with self.metrics_file.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp = self.checkpoints / f".round-{round:05d}.tmp"
+        save_file({"weights": weights, "spec": np.frombuffer(spec, dtype=np.uint8)}, tmp)
+        _fsync(tmp)
+        os.replace(tmp, self._checkpoint_path(round))
+        _fsync(self.checkpoints)
+
+    def records(self, upto: int | None = None) -> list[dict]:
+        """The metrics of committed rounds, in order."""
+        if not self.metrics_file.exists():
+            return []
+        out = []
+        for lineno, line in enumerate(self.metrics_file.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise RunDirError(f"{self.metrics_file}:{lineno}: not valid JSON") from None
+            if upto is None or record.get("round", 0) <= upto:
+                out.append(record)
+        return out
+
+    def rollback_metrics(self, upto: int) -> None:
+        """Drop metrics of rounds that were written but never committed."""
+        kept = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records(upto))
+        _write_atomic(self.metrics_file, kept.encode())
+
+    def _checkpoint_rounds(self) -> Iterator[int]:
+        if self.checkpoints.is_dir():
+            for entry in self.checkpoints.iterdir():
+                match = _CHECKPOINT.match(entry.name)
+                if match:
+                    yield int(match.group(1))
+
+    def _checkpoint_path(self, round: int) -> Path:
+        return self.checkpoints / f"round-{round:05d}.safetensors"
+
+
+def _free_default(path: Path) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, … when taken: a default never collides with an earlier run."""
+    candidate, n = path, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def _first_difference(a: JobConfig, b: JobConfig) -> str:
+    left, right = a.model_dump(mode="json", exclude={"output"}), b.model_dump(mode="json", exclude={"output"})
+    for section in sorted(set(left) | set(right)):
+        x, y = left.get(section), right.get(section)
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y)):
+                if x.get(key) != y.get(key):
+                    return f"{section}.{key}: {x.get(key)!r} in the run, {y.get(key)!r} now"
+        elif x != y:
+            return f"{section}: {x!r} in the run, {y!r} now"
+    return "unknown difference"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entry to disk (a rename is durable only once its directory is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Runtimes move encoded messages between the server and clients."""

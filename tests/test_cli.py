@@ -1,0 +1,81 @@
+"""The securefed command as a user meets it: exit codes, one-line errors, nothing written on failure."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_job
+
+
+def securefed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-m", "securefed.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("securefed: error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_malformed_toml(tmp_path):
+    (tmp_path / "job.toml").write_text("name = \n[federation\n", encoding="utf-8")
+    assert_user_error(securefed("run", "job.toml", cwd=tmp_path), "job.toml", "invalid TOML")
+
+
+def test_missing_job_file(tmp_path):
+    assert_user_error(securefed("run", "nope.toml", cwd=tmp_path), "nope.toml", "not found")
+
+
+def test_missing_data_file_writes_nothing(tmp_path, tiny_model, sst2_sample):
+    write_job(tmp_path, tiny_model, tmp_path / "absent.tsv", sst2_sample[1])
+    assert_user_error(securefed("run", "job.toml", cwd=tmp_path), "absent.tsv", "data file not found")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_model(tmp_path, sst2_sample):
+    path = write_job(tmp_path, Path("x"), *sst2_sample)
+    path.write_text(path.read_text().replace('name = "x"', 'name = "gpt-17"'), encoding="utf-8")
+    assert_user_error(securefed("run", "job.toml", cwd=tmp_path), "unknown model 'gpt-17'", "minilm")
+
+
+def test_out_and_resume_together_and_resuming_nothing(tmp_path, tiny_model, sst2_sample):
+    write_job(tmp_path, tiny_model, *sst2_sample)
+    assert_user_error(securefed("run", "job.toml", "--out", "a", "--resume", "b", cwd=tmp_path), "not both")
+    assert_user_error(securefed("run", "job.toml", "--resume", "b", cwd=tmp_path), "not a securefed run directory")
+
+
+def test_run_then_refuse_to_overwrite_then_resume_a_different_job(tmp_path, tiny_model, sst2_sample):
+    write_job(tmp_path, tiny_model, *sst2_sample, federation={"rounds": 1})
+    done = securefed("run", "job.toml", "--out", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "round 1: dev accuracy" in done.stderr and "run directory:" in done.stderr
+    assert (tmp_path / "run" / "model" / "adapter_model.safetensors").is_file()
+
+    assert_user_error(securefed("run", "job.toml", "--out", "run", cwd=tmp_path), "already exists", "--resume")
+
+    evaluated = securefed("evaluate", "run", "--json", cwd=tmp_path)
+    assert evaluated.returncode == 0 and '"dev_accuracy"' in evaluated.stdout
+
+    write_job(tmp_path, tiny_model, *sst2_sample, federation={"rounds": 1, "learning_rate": 0.5})
+    assert_user_error(securefed("run", "job.toml", "--resume", "run", cwd=tmp_path),
+                      "federation.learning_rate: 0.01 in the run, 0.5 now")
+
+
+def test_default_run_directories_never_collide(tmp_path, tiny_model, sst2_sample):
+    write_job(tmp_path, tiny_model, *sst2_sample, federation={"rounds": 1, "local_steps": 1})
+    for _ in range(2):
+        assert securefed("run", "job.toml", cwd=tmp_path).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["tiny", "tiny-2"]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"]])
+def test_help(tmp_path, args):
+    result = securefed(*args, cwd=tmp_path)
+    assert result.returncode == 0 and "Usage" in result.stdout

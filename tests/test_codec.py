@@ -1,0 +1,178 @@
+import struct
+from typing import Annotated
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from securefed.errors import ProtocolError
+from securefed.protocol import Array, MaxLen, Message, TrainIns, TrainRes, decode, encode, message
+from securefed.secagg.plaintext import PlainUpload
+
+
+@message(15)
+class Everything(Message):
+    """A test message with a field of every kind."""
+
+    count: int
+    ratio: float
+    flag: bool
+    label: Annotated[str, MaxLen(64)]
+    blob: Annotated[bytes, MaxLen(64)]
+    ids: tuple[int, ...]
+    metrics: dict[str, float]
+    grid: Annotated[np.ndarray, Array(("float32", "uint32"), ndim=2)]
+    inner: Message
+
+
+def sample(**changes) -> Everything:
+    fields = dict(count=-3, ratio=0.25, flag=True, label="héllo", blob=b"\x00\xff", ids=(1, 2, 3),
+                  metrics={"loss": 0.5, "seconds": 1.0}, grid=np.arange(6, dtype=np.float32).reshape(2, 3),
+                  inner=TrainIns(round=1, spec=b"s" * 32, weights=np.ones(4, dtype=np.float32)))
+    fields.update(changes)
+    return Everything(**fields)
+
+
+def test_round_trip_keeps_every_value():
+    msg = sample()
+    back = decode(encode(msg))
+    assert isinstance(back, Everything)
+    assert encode(back) == encode(msg)
+    assert back.label == "héllo" and back.ids == (1, 2, 3) and back.metrics == {"loss": 0.5, "seconds": 1.0}
+    assert back.grid.dtype == np.float32 and back.grid.shape == (2, 3)
+    assert isinstance(back.inner, TrainIns) and np.array_equal(back.inner.weights, np.ones(4))
+
+
+def test_payload_overhead_is_small():
+    weights = np.zeros(74_498, dtype=np.float32)
+    assert len(encode(TrainIns(round=1, spec=b"s" * 32, weights=weights))) <= weights.nbytes + 100
+
+
+def test_expect_restricts_the_message_type():
+    wire = encode(PlainUpload(round=1, vector=np.zeros(3, dtype=np.float32)))
+    with pytest.raises(ProtocolError, match="unexpected message, wanted TrainIns"):
+        decode(wire, TrainIns)
+
+
+def rebuild(fields: list[tuple[str, int, bytes]], tag: int = 1) -> bytes:
+    """Hand-assemble a message from (name, kind, payload) triples."""
+    out = b"SFD" + struct.pack("<BHH", 1, tag, len(fields))
+    for name, kind, payload in fields:
+        out += struct.pack("<B", len(name)) + name.encode() + struct.pack("<B", kind) + payload
+    return out
+
+
+ROUND = ("round", 1, struct.pack("<q", 1))
+SPEC = ("spec", 5, struct.pack("<I", 32) + b"s" * 32)
+
+
+def weights(dtype_code=1, ndim=1, dims=(2,), data=b"\x00" * 8):
+    return ("weights", 6, struct.pack("<BB", dtype_code, ndim) + struct.pack(f"<{ndim}I", *dims) + data)
+
+
+@pytest.mark.parametrize(
+    ("wire", "reason"),
+    [
+        (rebuild([ROUND, SPEC, weights()]), None),
+        (rebuild([ROUND, SPEC]), "missing field 'weights'"),
+        (rebuild([ROUND, SPEC, weights(), ("extra", 1, b"\x00" * 8)]), "unknown field 'extra'"),
+        (rebuild([ROUND, ROUND, SPEC, weights()]), "duplicate field 'round'"),
+        (rebuild([("round", 2, struct.pack("<d", 1.0)), SPEC, weights()]), "field 'round' has kind 2"),
+        (rebuild([ROUND, SPEC, weights(dtype_code=3, data=b"\x00" * 16)]), "dtype int64 not allowed"),
+        (rebuild([ROUND, SPEC, weights(dtype_code=99)]), "dtype code 99 not allowed"),
+        (rebuild([ROUND, SPEC, weights(ndim=2, dims=(1, 2))]), "2 dimensions, expected 1"),
+        (rebuild([ROUND, SPEC, weights(dims=(2**31,))]), "needs 8589934592 bytes"),
+        (rebuild([ROUND, SPEC, weights(data=struct.pack("<2f", 1.0, float("nan")))]), "NaN or infinity"),
+        (rebuild([ROUND, ("spec", 5, struct.pack("<I", 33) + b"s" * 33), weights()]), "length 33 exceeds 32"),
+        (rebuild([ROUND, SPEC, weights()]) + b"\x00", "1 trailing bytes"),
+        (rebuild([ROUND, SPEC, weights()])[:-1], "needs 8 bytes, only 7 remain"),
+        (rebuild([ROUND, SPEC])[:30], "truncated in field 'spec'"),
+        (rebuild([ROUND, SPEC, weights()], tag=999), "unknown message tag 999"),
+        (b"XYZ" + rebuild([ROUND, SPEC, weights()])[3:], "bad magic"),
+        (b"SFD\x07" + rebuild([ROUND, SPEC, weights()])[4:], "protocol version 7"),
+    ],
+)
+def test_strict_decoding(wire, reason):
+    if reason is None:
+        assert isinstance(decode(wire), TrainIns)
+        return
+    with pytest.raises(ProtocolError) as info:
+        decode(wire)
+    assert reason in str(info.value)
+
+
+def test_size_limit_is_checked_before_parsing():
+    wire = encode(TrainIns(round=1, spec=b"s" * 32, weights=np.zeros(1000, dtype=np.float32)))
+    with pytest.raises(ProtocolError, match="exceeds the limit of 1000"):
+        decode(wire, max_bytes=1000)
+
+
+def test_nesting_is_bounded():
+    msg = TrainRes(round=1, metrics={}, upload=PlainUpload(round=1, vector=np.zeros(1, dtype=np.float32)))
+    for _ in range(5):
+        msg = TrainRes(round=1, metrics={}, upload=msg)
+    with pytest.raises(ProtocolError, match="nested deeper"):
+        decode(encode(msg))
+
+
+def test_encoding_refuses_values_the_peer_would_refuse():
+    with pytest.raises(ProtocolError, match="expected float32"):
+        encode(TrainIns(round=1, spec=b"s", weights=np.zeros(3, dtype=np.float64)))
+    with pytest.raises(ProtocolError, match="33 bytes exceed 32"):
+        encode(TrainIns(round=1, spec=b"s" * 33, weights=np.zeros(3, dtype=np.float32)))
+
+
+def decode_cleanly(data: bytes) -> None:
+    """Decoding either yields a message that re-encodes to the same bytes, or raises ProtocolError."""
+    try:
+        msg = decode(data)
+    except ProtocolError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert encode(msg) == data
+
+
+VALID = [encode(sample()), encode(TrainIns(round=7, spec=b"k" * 32, weights=np.linspace(0, 1, 9, dtype=np.float32))),
+         encode(TrainRes(round=2, metrics={"loss": 1.5}, upload=PlainUpload(round=2, vector=np.ones(3, np.float32))))]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_random_bytes_never_crash_the_decoder(data):
+    decode_cleanly(data)
+    decode_cleanly(b"SFD\x01" + data)
+
+
+@settings(max_examples=600, deadline=None)
+@given(which=st.sampled_from(range(len(VALID))), data=st.data())
+def test_mutated_messages_never_crash_the_decoder(which, data):
+    wire = bytearray(VALID[which])
+    for _ in range(data.draw(st.integers(1, 4))):
+        action = data.draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
+        pos = data.draw(st.integers(0, max(len(wire) - 1, 0)))
+        if action == "flip" and wire:
+            wire[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif action == "cut":
+            del wire[pos:]
+        elif action == "insert":
+            wire[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+        elif action == "delete" and wire:
+            del wire[pos]
+    decode_cleanly(bytes(wire))
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    round=st.integers(-(2**63), 2**63 - 1),
+    spec=st.binary(max_size=32),
+    values=st.lists(finite, max_size=50),
+)
+def test_generated_messages_round_trip(round, spec, values):
+    msg = TrainIns(round=round, spec=spec, weights=np.array(values, dtype=np.float32))
+    back = decode(encode(msg))
+    assert back.round == round and back.spec == spec
+    assert np.array_equal(back.weights, msg.weights)

@@ -1,0 +1,96 @@
+from pathlib import Path
+
+import pytest
+
+from securefed.config import JobConfig, LoraConfig, load_job
+from securefed.errors import ConfigError
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+VALID = """
+name = "t"
+[data]
+train = "data/train.csv"
+dev = "data/dev.csv"
+[federation]
+rounds = 2
+clients = 3
+local_steps = 4
+learning_rate = 0.001
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_job(write(tmp_path, text))
+    return str(info.value)
+
+
+def test_defaults_are_filled_and_paths_resolve_against_the_toml_folder(tmp_path):
+    job = load_job(write(tmp_path, VALID))
+    assert job.data.train == (tmp_path / "data" / "train.csv").resolve()
+    assert job.model.name == "minilm"
+    assert isinstance(job.peft, LoraConfig) and job.peft.r == 8
+    assert job.partition.method == "iid"
+    assert job.federation.batch_size == 32 and job.federation.cohort_size == 3
+
+
+def test_model_paths_resolve_but_registered_names_stay(tmp_path):
+    job = load_job(write(tmp_path, VALID + '[model]\nname = "./my-model"\n'))
+    assert job.model.name == str((tmp_path / "my-model").resolve())
+
+
+def test_every_shipped_example_is_valid():
+    examples = sorted(EXAMPLES.glob("*.toml"))
+    assert examples, "no examples found"
+    for path in examples:
+        assert isinstance(load_job(path), JobConfig)
+
+
+def test_resolved_toml_reads_back_to_the_same_job(tmp_path):
+    job = load_job(write(tmp_path, VALID + "[partition]\nmethod = \"dirichlet\"\nalpha = 0.3\n"))
+    again = tmp_path / "sub"
+    again.mkdir()
+    (again / "job.toml").write_text(job.to_toml(), encoding="utf-8")
+    assert load_job(again / "job.toml").fingerprint() == job.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("[privacy]\nepsilon = 8\n", "privacy: unknown setting"),
+        ("[peft]\nmethod = \"lora\"\nrank = 4\n", "peft.rank: unknown setting"),
+        ("[peft]\nmethod = \"adalora\"\n", "peft"),
+        ("[partition]\nmethod = \"dirichlet\"\nalpha = -1\n", "partition.alpha: Input should be greater than 0"),
+        ("[partition]\nmethod = \"dirichlet\"\n", "partition.alpha: required setting is missing"),
+    ],
+)
+def test_errors_name_the_file_and_the_field(tmp_path, extra, expected):
+    message = error_of(tmp_path, VALID + extra)
+    assert message.startswith(str(tmp_path / "job.toml"))
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_out_of_range_values_are_refused(tmp_path):
+    assert "federation.rounds" in error_of(tmp_path, VALID.replace("rounds = 2", "rounds = 0"))
+    assert "clients_per_round (5) exceeds clients (3)" in error_of(
+        tmp_path, VALID.replace("clients = 3", "clients = 3\nclients_per_round = 5"))
+
+
+def test_missing_sections_and_conflicting_data_sources(tmp_path):
+    assert "federation: required setting is missing" in error_of(tmp_path, 'name = "t"\n[data]\ndataset = "sst2"\n')
+    both = VALID.replace('[data]\n', '[data]\ndataset = "sst2"\n')
+    assert "either dataset or train/dev files" in error_of(tmp_path, both)
+
+
+def test_unreadable_files_are_config_errors(tmp_path):
+    assert "invalid TOML" in error_of(tmp_path, "name = \n")
+    with pytest.raises(ConfigError, match="job file not found"):
+        load_job(tmp_path / "absent.toml")

@@ -1,0 +1,92 @@
+"""FedAvg through the real server, grid, codec and plaintext sum, against a numpy reference."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from securefed.config import parse_job
+from securefed.protocol import TrainIns, TrainRes
+from securefed.rundir import RunDir
+from securefed.runtime.local import LocalGrid
+from securefed.secagg.plaintext import PlainSumClient, PlainSumServer
+from securefed.server import Schedule, Server
+
+D = 50
+SPEC = b"x" * 32
+
+
+class ScriptedClient:
+    """Trains to a fixed local vector: its update is n_k·(local − global), plus n_k, into the sum."""
+
+    def __init__(self, examples: int, local: np.ndarray, fail_in_round: int | None = None):
+        self.examples, self.local, self.fail_in_round = examples, local, fail_in_round
+        self.secure_sum = PlainSumClient()
+
+    def handle(self, msg: TrainIns) -> TrainRes:
+        if msg.round == self.fail_in_round:
+            raise RuntimeError("disk full")
+        vector = np.append(self.examples * (self.local - msg.weights), self.examples).astype(np.float32)
+        return TrainRes(round=msg.round, metrics={"loss": 1.0}, upload=self.secure_sum.upload(msg.round, vector))
+
+
+def make_server(tmp_path: Path, clients: dict, rounds: int = 1, cohort: int | None = None, faults=None) -> Server:
+    job = parse_job({"name": "fedavg", "data": {"dataset": "sst2"},
+                     "federation": {"rounds": rounds, "clients": len(clients), "local_steps": 1,
+                                    "learning_rate": 0.1}}, source="test", base_dir=tmp_path)
+    run = RunDir.create(job, tmp_path / "run")
+    schedule = Schedule(rounds=rounds, clients=len(clients), cohort_size=cohort or len(clients), seed=0)
+    return Server(schedule, SPEC, PlainSumServer(), LocalGrid(clients, faults), run)
+
+
+def test_one_round_equals_the_weighted_average(tmp_path):
+    rng = np.random.default_rng(0)
+    sizes = [10, 250, 3, 77]
+    locals_ = [rng.standard_normal(D).astype(np.float32) for _ in sizes]
+    server = make_server(tmp_path, {i: ScriptedClient(n, v) for i, (n, v) in enumerate(zip(sizes, locals_))})
+    start = rng.standard_normal(D).astype(np.float32)
+    weights, record = server.round(1, start)
+    np.testing.assert_allclose(weights, np.average(locals_, axis=0, weights=sizes), rtol=1e-5, atol=1e-5)
+    assert record["contributors"] == 4 and record["dropped"] == 0
+    assert record["bytes_up"] > 4 * (D + 1) * 4 and record["bytes_down"] > 4 * D * 4
+
+
+def test_crashed_and_vanished_clients_are_dropouts_and_the_average_skips_them(tmp_path):
+    rng = np.random.default_rng(1)
+    sizes = [5, 6, 7, 8]
+    locals_ = [rng.standard_normal(D).astype(np.float32) for _ in sizes]
+    clients = {i: ScriptedClient(n, v, fail_in_round=1 if i == 0 else None) for i, (n, v) in enumerate(zip(sizes, locals_))}
+    server = make_server(tmp_path, clients, faults=lambda cid, msg: cid == 3)
+    weights, record = server.round(1, np.zeros(D, dtype=np.float32))
+    np.testing.assert_allclose(weights, np.average(locals_[1:3], axis=0, weights=sizes[1:3]), rtol=1e-5, atol=1e-5)
+    assert record["contributors"] == 2 and record["dropped"] == 2
+
+
+def test_a_round_with_no_survivors_aborts_and_keeps_the_model(tmp_path):
+    clients = {i: ScriptedClient(5, np.ones(D, dtype=np.float32)) for i in range(3)}
+    notices = []
+    server = make_server(tmp_path, clients, faults=lambda cid, msg: True)
+    server.observer.notice = notices.append
+    start = np.full(D, 2.0, dtype=np.float32)
+    weights, record = server.round(1, start)
+    assert np.array_equal(weights, start)
+    assert "no client contributed" in record["aborted"]
+    assert any("aborted" in n for n in notices)
+
+
+def test_cohorts_are_seeded_subsets(tmp_path):
+    schedule = Schedule(rounds=10, clients=20, cohort_size=5, seed=3)
+    cohorts = [schedule.cohort(r) for r in range(1, 11)]
+    assert all(len(set(c)) == 5 and all(0 <= x < 20 for x in c) for c in cohorts)
+    assert cohorts == [Schedule(rounds=10, clients=20, cohort_size=5, seed=3).cohort(r) for r in range(1, 11)]
+    assert len({tuple(c) for c in cohorts}) > 1
+
+
+@pytest.mark.parametrize("rounds", [3])
+def test_rounds_are_committed_to_the_run_directory(tmp_path, rounds):
+    clients = {i: ScriptedClient(4, np.full(D, float(i), dtype=np.float32)) for i in range(2)}
+    server = make_server(tmp_path, clients, rounds=rounds)
+    final = server.run(np.zeros(D, dtype=np.float32))
+    assert [r["round"] for r in server.run_dir.records()] == list(range(1, rounds + 1))
+    last, weights = server.run_dir.last_checkpoint(D, SPEC)
+    assert last == rounds and np.array_equal(weights, final)
