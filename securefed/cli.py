@@ -67,11 +67,10 @@ def run(
     resume: Annotated[Path | None, typer.Option("--resume", help="continue this run directory")] = None,
 ) -> None:
     """Run a federated job with every client in this process."""
-    from .runtime.local import execute, prepare
-
     if out is not None and resume is not None:
         raise SecurefedError("give --out for a new run or --resume for an existing one, not both")
     config = load_job(job)
+    from .runtime.local import execute, prepare  # torch and transformers: only once the job file is sound
     with console.status("loading data and model"):
         prepared = prepare(config, out=out, resume=resume)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -102,15 +101,12 @@ def evaluate(
 
 def _summary(records: Sequence[Mapping]) -> Table:
     table = Table(title="rounds")
-    for name in ("round", "clients", "train loss", "dev loss", "dev acc", "KB down", "KB up", "train s", "comm s",
-                 "agg s", "eval s"):
+    for name in ("round", "clients", "train loss", "dev loss", "dev acc", "MB down", "MB up", "seconds"):
         table.add_column(name, justify="right")
     for r in records:
-        s = r["seconds"]
         table.add_row(str(r["round"]), f"{r['contributors']}/{r['cohort']}", _num(r["train_loss"]),
-                      _num(r["dev_loss"]), _num(r["dev_accuracy"]), f"{r['bytes_down'] / 1024:.0f}",
-                      f"{r['bytes_up'] / 1024:.0f}", f"{s['train']:.1f}", f"{s['communication']:.2f}",
-                      f"{s['aggregation']:.3f}", f"{s['evaluation']:.1f}")
+                      _num(r["dev_loss"]), _num(r["dev_accuracy"]), f"{r['bytes_down'] / 1e6:.2f}",
+                      f"{r['bytes_up'] / 1e6:.2f}", f"{sum(r['seconds'].values()):.1f}")
     return table
 
 

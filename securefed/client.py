@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,14 +16,21 @@ from .models import FlatView
 from .protocol import Message, TrainIns, TrainRes
 from .seeding import stream, stream_seed
 
+_LENGTH_GROUP = 50  # batches re-cut together when grouping by length
+
 
 @dataclass(frozen=True)
 class LocalTraining:
     steps: int
     batch_size: int
     learning_rate: float
+    learning_rate_decay: float
     weight_decay: float
     seed: int
+    group_by_length: bool = False
+
+    def learning_rate_at(self, round: int) -> float:
+        return self.learning_rate * self.learning_rate_decay ** (round - 1)
 
 
 class Client:
@@ -75,7 +82,8 @@ class Client:
 
     def _train_locally(self, round: int) -> list[float]:
         cfg = self.training
-        optimizer = torch.optim.AdamW(self.view.parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(self.view.parameters, lr=cfg.learning_rate_at(round),
+                                      weight_decay=cfg.weight_decay)
         losses = []
         self.model.train()
         # Dropout draws from torch's global generator: seed it per (round, client), then restore it.
@@ -94,13 +102,27 @@ class Client:
                 self.observer.local_progress(self.cid, step, cfg.steps)
         return losses
 
-    def _batches(self, round: int) -> Iterator[np.ndarray]:
-        """`steps` batches drawn without replacement from shuffled passes over the client's data."""
-        rng = stream(self.training.seed, "batches", round, self.cid)
-        size = min(self.training.batch_size, self.examples)
-        order = np.empty(0, dtype=np.int64)
-        for _ in range(self.training.steps):
-            if len(order) < size:
-                order = np.concatenate([order, rng.permutation(self.examples)])
-            yield order[:size]
-            order = order[size:]
+    def _batches(self, round: int) -> np.ndarray:
+        """`steps` batches of indices from shuffled passes over the client's data."""
+        cfg = self.training
+        rng = stream(cfg.seed, "batches", round, self.cid)
+        size = min(cfg.batch_size, self.examples)
+        passes = -(-cfg.steps * size // self.examples)
+        order = np.concatenate([rng.permutation(self.examples) for _ in range(passes)])[: cfg.steps * size]
+        if cfg.group_by_length:
+            order = self._group_by_length(order, size, rng)
+        return order.reshape(cfg.steps, size)
+
+    def _group_by_length(self, order: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+        """Re-cut each run of batches so that a batch holds examples of similar length.
+
+        The same examples are seen, with far less padding and so far less compute.
+        """
+        lengths = np.array([len(self.data.input_ids[i]) for i in order])
+        span = size * _LENGTH_GROUP
+        runs = []
+        for start in range(0, len(order), span):
+            by_length = order[start : start + span][np.argsort(lengths[start : start + span], kind="stable")]
+            batches = by_length.reshape(-1, size)
+            runs.append(batches[rng.permutation(len(batches))])
+        return np.concatenate(runs).reshape(-1)

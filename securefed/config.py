@@ -106,7 +106,9 @@ class FederationConfig(Section):
     clients_per_round: int | None = Field(None, ge=1, description="default: every client, every round")
     local_steps: int = Field(ge=1, le=1_000_000)
     batch_size: int = Field(32, ge=1, le=65_536)
+    group_by_length: bool = Field(False, description="batch examples of similar length together: less padding")
     learning_rate: float = Field(gt=0, le=10)
+    learning_rate_decay: float = Field(1.0, gt=0, le=1, description="round r trains at learning_rate·decay^(r-1)")
     weight_decay: float = Field(0.0, ge=0, le=1)
     seed: int = Field(0, ge=0, lt=2**63)
 

@@ -22,6 +22,7 @@ from .secagg.plaintext import PlainSumClient, PlainSumServer
 from .seeding import stream_seed
 from .server import Schedule, Server
 
+
 @dataclass
 class Task:
     """What every party of an in-process job shares: data splits, the one model, its tokenized data."""
@@ -64,7 +65,8 @@ def client_datasets(task: Task) -> list[EncodedDataset]:
 def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer | None = None) -> Client:
     fed = task.config.federation
     training = LocalTraining(steps=fed.local_steps, batch_size=fed.batch_size, learning_rate=fed.learning_rate,
-                             weight_decay=fed.weight_decay, seed=fed.seed)
+                             learning_rate_decay=fed.learning_rate_decay, weight_decay=fed.weight_decay,
+                             seed=fed.seed, group_by_length=fed.group_by_length)
     return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training,
                   secure_sum_client(task.config, cid), observer=observer)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -62,71 +62,73 @@ class Server:
         return weights
 
     def round(self, round: int, weights: np.ndarray) -> tuple[np.ndarray, dict]:
-        cohort = self.schedule.cohort(round)
-        self.observer.round_started(round, self.schedule.rounds, cohort)
-        traffic = _Traffic()
-        self.secure_sum.open(round, cohort, weights.size + 1)
-
-        exchange = traffic.add(self.grid.exchange({c: TrainIns(round=round, spec=self.spec, weights=weights)
-                                                   for c in cohort}))
-        dropped = dict(exchange.dropped)
-        results = {}
-        for cid, reply in exchange.replies.items():
-            if isinstance(reply, TrainRes) and reply.round == round:
-                results[cid] = reply
-            else:
-                dropped[cid] = f"expected TrainRes for round {round}, got {type(reply).__name__}"
-        train_seconds = exchange.client_seconds
-
-        aggregation = _Stopwatch()
+        log = _RoundLog(round, self.schedule.cohort(round))
+        self.observer.round_started(round, self.schedule.rounds, log.cohort)
+        results = self._train(log, weights)
         aborted = None
         try:
-            with aggregation:
-                step = self.secure_sum.step({cid: res.upload for cid, res in results.items()})
-            while not isinstance(step, SumResult):
-                follow_up = traffic.add(self.grid.exchange(step))
-                aggregation.seconds += follow_up.client_seconds
-                dropped.update(follow_up.dropped)
-                with aggregation:
-                    step = self.secure_sum.step(follow_up.replies)
-            dropped.update(step.rejected)
-            with aggregation:
-                weights, contributors = _apply(weights, step), len(step.contributors)
+            total = self._sum(log, results, weights.size + 1)
+            with log.aggregation:
+                weights = _fedavg(weights, total)
+            log.contributors = len(total.contributors)
         except RoundAborted as exc:
-            aborted, contributors = str(exc), 0
-
-        for cid, reason in sorted(dropped.items()):
-            self.observer.notice(f"round {round}: client {cid} dropped out ({reason})")
-        if aborted:
+            aborted = str(exc)
             self.observer.notice(f"round {round} aborted: {aborted}; the model is unchanged")
+        for cid, reason in sorted(log.dropped.items()):
+            self.observer.notice(f"round {round}: client {cid} dropped out ({reason})")
 
-        evaluation_time = _Stopwatch()
-        with evaluation_time:
+        with log.evaluation:
             evaluation = self.evaluate(weights) if self.evaluate else None
         record = {
             "round": round,
-            "cohort": len(cohort),
-            "contributors": contributors,
-            "dropped": len(dropped),
+            "cohort": len(log.cohort),
+            "contributors": log.contributors,
+            "dropped": len(log.dropped),
             "train_loss": _mean([r.metrics.get("loss", np.nan) for r in results.values()]),
             "dev_loss": evaluation.loss if evaluation else None,
             "dev_accuracy": evaluation.accuracy if evaluation else None,
-            "bytes_down": traffic.bytes_down,
-            "bytes_up": traffic.bytes_up,
+            "bytes_down": log.bytes_down,
+            "bytes_up": log.bytes_up,
             "seconds": {
-                "train": train_seconds,
-                "communication": traffic.seconds - traffic.client_seconds,
-                "aggregation": aggregation.seconds,
-                "evaluation": evaluation_time.seconds,
+                "train": log.train_seconds,
+                "communication": log.seconds - log.client_seconds,
+                "aggregation": log.aggregation.seconds,
+                "evaluation": log.evaluation.seconds,
             },
         }
         if aborted:
             record["aborted"] = aborted
         return weights, record
 
+    def _train(self, log: _RoundLog, weights: np.ndarray) -> dict[int, TrainRes]:
+        """Broadcast the weights; keep the well-formed replies, count the rest as dropouts."""
+        exchange = log.add(self.grid.exchange(
+            {cid: TrainIns(round=log.round, spec=self.spec, weights=weights) for cid in log.cohort}))
+        log.train_seconds = exchange.client_seconds
+        results = {}
+        for cid, reply in exchange.replies.items():
+            if isinstance(reply, TrainRes) and reply.round == log.round:
+                results[cid] = reply
+            else:
+                log.dropped[cid] = f"expected TrainRes for round {log.round}, got {type(reply).__name__}"
+        return results
 
-def _apply(weights: np.ndarray, result: SumResult) -> np.ndarray:
-    """FedAvg: the sum holds Σ n_k·Δ_k followed by Σ n_k."""
+    def _sum(self, log: _RoundLog, results: dict[int, TrainRes], size: int) -> SumResult:
+        """Run the secure sum to its end: its server step, then any follow-up stages it asks for."""
+        with log.aggregation:
+            self.secure_sum.open(log.round, log.cohort, size)
+            step = self.secure_sum.step({cid: res.upload for cid, res in results.items()})
+        while not isinstance(step, SumResult):
+            follow_up = log.add(self.grid.exchange(step))
+            log.aggregation.seconds += follow_up.client_seconds  # the clients' share of the protocol's work
+            with log.aggregation:
+                step = self.secure_sum.step(follow_up.replies)
+        log.dropped.update(step.rejected)
+        return step
+
+
+def _fedavg(weights: np.ndarray, result: SumResult) -> np.ndarray:
+    """The sum holds Σ n_k·Δ_k followed by Σ n_k."""
     total_examples = result.total[-1]
     if not total_examples > 0:
         raise RoundAborted("the contributors reported no training examples")
@@ -135,21 +137,6 @@ def _apply(weights: np.ndarray, result: SumResult) -> np.ndarray:
 
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
-
-
-class _Traffic:
-    """Bytes and seconds summed over a round's exchanges."""
-
-    def __init__(self) -> None:
-        self.bytes_down = self.bytes_up = 0
-        self.seconds = self.client_seconds = 0.0
-
-    def add(self, exchange: Exchange) -> Exchange:
-        self.bytes_down += exchange.bytes_down
-        self.bytes_up += exchange.bytes_up
-        self.seconds += exchange.seconds
-        self.client_seconds += exchange.client_seconds
-        return exchange
 
 
 class _Stopwatch:
@@ -163,3 +150,28 @@ class _Stopwatch:
 
     def __exit__(self, *exc) -> None:
         self.seconds += time.perf_counter() - self._started
+
+
+@dataclass
+class _RoundLog:
+    """What one round cost and who dropped out, summed over its exchanges."""
+
+    round: int
+    cohort: list[int]
+    contributors: int = 0
+    dropped: dict[int, str] = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    seconds: float = 0.0
+    client_seconds: float = 0.0
+    train_seconds: float = 0.0
+    aggregation: _Stopwatch = field(default_factory=_Stopwatch)
+    evaluation: _Stopwatch = field(default_factory=_Stopwatch)
+
+    def add(self, exchange: Exchange) -> Exchange:
+        self.dropped.update(exchange.dropped)
+        self.bytes_down += exchange.bytes_down
+        self.bytes_up += exchange.bytes_up
+        self.seconds += exchange.seconds
+        self.client_seconds += exchange.client_seconds
+        return exchange

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from securefed.config import parse_job
 from securefed.protocol import TrainIns, TrainRes
@@ -55,7 +54,8 @@ def test_crashed_and_vanished_clients_are_dropouts_and_the_average_skips_them(tm
     rng = np.random.default_rng(1)
     sizes = [5, 6, 7, 8]
     locals_ = [rng.standard_normal(D).astype(np.float32) for _ in sizes]
-    clients = {i: ScriptedClient(n, v, fail_in_round=1 if i == 0 else None) for i, (n, v) in enumerate(zip(sizes, locals_))}
+    clients = {i: ScriptedClient(n, v, fail_in_round=1 if i == 0 else None)
+               for i, (n, v) in enumerate(zip(sizes, locals_))}
     server = make_server(tmp_path, clients, faults=lambda cid, msg: cid == 3)
     weights, record = server.round(1, np.zeros(D, dtype=np.float32))
     np.testing.assert_allclose(weights, np.average(locals_[1:3], axis=0, weights=sizes[1:3]), rtol=1e-5, atol=1e-5)
@@ -82,8 +82,8 @@ def test_cohorts_are_seeded_subsets(tmp_path):
     assert len({tuple(c) for c in cohorts}) > 1
 
 
-@pytest.mark.parametrize("rounds", [3])
-def test_rounds_are_committed_to_the_run_directory(tmp_path, rounds):
+def test_rounds_are_committed_to_the_run_directory(tmp_path):
+    rounds = 3
     clients = {i: ScriptedClient(4, np.full(D, float(i), dtype=np.float32)) for i in range(2)}
     server = make_server(tmp_path, clients, rounds=rounds)
     final = server.run(np.zeros(D, dtype=np.float32))

@@ -62,8 +62,8 @@ def test_wrong_vectors_are_refused(bundle):
 
 def test_spec_digest_separates_methods_and_settings(tiny_model):
     model = ModelConfig(name=str(tiny_model))
-    digests = {build_model(model, m, ["a", "b"], 1).view.spec.digest for m in
-               [LoraConfig(method="lora", r=4), LoraConfig(method="lora", r=4, alpha=8), LoraConfig(method="lora", r=2)]}
+    variants = [LoraConfig(method="lora", r=4), LoraConfig(method="lora", r=4, alpha=8), LoraConfig(method="lora", r=2)]
+    digests = {build_model(model, m, ["a", "b"], 1).view.spec.digest for m in variants}
     assert len(digests) == 3
     again = build_model(model, LoraConfig(method="lora", r=4), ["a", "b"], 1)
     assert again.view.spec.digest in digests

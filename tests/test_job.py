@@ -9,8 +9,8 @@ from conftest import write_job
 from safetensors.torch import load_file
 
 from securefed.config import load_job
-from securefed.interfaces import Observer
-from securefed.job import evaluate_saved
+from securefed.interfaces import LossTerm, Observer
+from securefed.job import client_datasets, evaluate_saved, load_task, make_client
 from securefed.protocol import TrainIns
 from securefed.runtime.local import run
 
@@ -126,3 +126,33 @@ def test_every_peft_method_trains_and_saves(tmp_path, tiny_model, sst2_sample, m
     assert result.records[-1]["dev_accuracy"] is not None
     reloaded = evaluate_saved(result.run, load_job(job))
     assert reloaded.accuracy == pytest.approx(result.records[-1]["dev_accuracy"], abs=0.005)
+
+
+class PullToZero(LossTerm):
+    """A strong L2 penalty on the trainable vector: if the client applies it, the update must shrink θ."""
+
+    name = "pull-to-zero"
+
+    def __init__(self, params):
+        self.params = params
+
+    def __call__(self, model, batch, outputs):
+        return 50.0 * sum((p * p).sum() for p in self.params)
+
+
+def test_loss_terms_join_the_local_loss(job_file):
+    task = load_task(load_job(job_file))
+    data = client_datasets(task)[0]
+    start = task.bundle.view.get() + 0.5
+    ins = TrainIns(round=1, spec=task.bundle.view.spec.digest, weights=start)
+
+    def local_norm(loss_terms) -> float:
+        client = make_client(task, 0, data)
+        client.loss_terms = loss_terms
+        res = client.train(ins)
+        n = res.upload.vector[-1]
+        return float(np.linalg.norm(start + res.upload.vector[:-1] / n))
+
+    plain = local_norm(())
+    penalised = local_norm((PullToZero(task.bundle.view.parameters),))
+    assert penalised < 0.97 * plain  # Adam moves each entry at most ~lr per step: 3 steps toward 0

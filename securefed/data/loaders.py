@@ -27,7 +27,9 @@ def infer_format(path: Path) -> Format:
     raise DataError(f"{path}: cannot tell the format from the extension; set data.format to csv, tsv or jsonl")
 
 
-def load_table(path: Path, fmt: Format | None = None, *, header: bool = True, columns: list[str] | None = None) -> Table:
+def load_table(
+    path: Path, fmt: Format | None = None, *, header: bool = True, columns: list[str] | None = None
+) -> Table:
     """Load a whole file as columns. Headerless CSV/TSV files take their names from `columns`."""
     fmt = fmt or infer_format(path)
     try:

@@ -35,7 +35,9 @@ def iid(n: int, clients: int, rng: np.random.Generator) -> list[np.ndarray]:
     return [np.sort(part) for part in np.array_split(rng.permutation(n), clients)]
 
 
-def dirichlet(labels: np.ndarray, clients: int, alpha: float, minimum: int, rng: np.random.Generator) -> list[np.ndarray]:
+def dirichlet(
+    labels: np.ndarray, clients: int, alpha: float, minimum: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Per label, client shares drawn from Dir(α); redrawn until every client has `minimum` examples."""
     if minimum * clients > len(labels):
         raise DataError(f"{len(labels)} examples cannot give {clients} clients {minimum} each (partition.min_examples)")

@@ -29,4 +29,5 @@ def attach(model, config: PeftConfig):
     try:
         return peft.get_peft_model(model, peft_config(config))
     except (ValueError, KeyError) as exc:
-        raise ModelError(f"cannot attach {config.method} to {type(model).__name__}: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0]
+        raise ModelError(f"cannot attach {config.method} to {type(model).__name__}: {reason}") from None

