@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -57,7 +58,7 @@ class ProgressObserver(Observer):
                                     f"train loss {_num(record.get('train_loss'))}", markup=False)
 
     def notice(self, text: str) -> None:
-        self.progress.console.print(f"[yellow]{text}[/yellow]", highlight=False)
+        self.progress.console.print(f"[yellow]{escape(text)}[/yellow]", highlight=False)
 
 
 @app.command()
@@ -73,11 +74,18 @@ def run(
     from .runtime.local import execute, prepare  # torch and transformers: only once the job file is sound
     with console.status("loading data and model"):
         prepared = prepare(config, out=out, resume=resume)
+    where = prepared.run_dir.path
+    console.print(f"run directory: {where}", markup=False, highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        result = execute(prepared, observer=ProgressObserver(progress))
+    try:
+        with Progress(*columns, console=console) as progress:
+            result = execute(prepared, observer=ProgressObserver(progress))
+    except KeyboardInterrupt:
+        console.print(f"interrupted; finished rounds are saved. Continue with: securefed run {job} --resume {where}",
+                      markup=False, highlight=False)
+        raise typer.Exit(130) from None
     console.print(_summary(result.records))
-    console.print(f"run directory: {result.run.path}", markup=False, highlight=False)
+    console.print(f"done: {where / 'report.md'}", markup=False, highlight=False)
 
 
 @app.command()
@@ -121,9 +129,6 @@ def main() -> None:
         message = " ".join(str(exc).split())
         print(f"securefed: error: {message}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("securefed: interrupted; finished rounds are saved, continue with --resume RUN_DIR", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

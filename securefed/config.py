@@ -20,8 +20,12 @@ from .errors import ConfigError
 BUILTIN_DATASETS = ("sst2", "ag_news")
 
 
+# TOML gives strings for paths; everything else must already have its type ("5" is not a round count).
+FilePath = Annotated[Path, Field(strict=False)]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -32,7 +36,7 @@ class ModelConfig(Section):
 class LoraConfig(Section):
     method: Literal["lora"]
     r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0)
+    alpha: float = Field(16.0, gt=0, le=4096)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = None
 
@@ -60,8 +64,8 @@ PeftConfig = Annotated[
 
 class DataConfig(Section):
     dataset: Literal["sst2", "ag_news"] | None = None
-    train: Path | None = None
-    dev: Path | None = None
+    train: FilePath | None = None
+    dev: FilePath | None = None
     format: Literal["csv", "tsv", "jsonl"] | None = None
     header: bool = True
     columns: list[str] | None = None
@@ -124,7 +128,7 @@ class FederationConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: Path | None = Field(None, description="default: runs/<name> beside the current directory")
+    dir: FilePath | None = Field(None, description="default: runs/<name> in the current directory")
 
 
 class JobConfig(Section):
@@ -140,9 +144,9 @@ class JobConfig(Section):
         """The resolved job: every default filled in, every path absolute."""
         return dump_toml(self.model_dump(mode="json", exclude_none=True))
 
-    def fingerprint(self, *, ignore: tuple[str, ...] = ("output",)) -> str:
-        """A hash of what determines the run's result (output location excluded)."""
-        content = self.model_dump(mode="json", exclude=set(ignore))
+    def fingerprint(self) -> str:
+        """A hash of everything that determines the run's result: all but the output location."""
+        content = self.model_dump(mode="json", exclude={"output"})
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -165,18 +169,22 @@ def parse_job(raw: dict[str, Any], *, source: str, base_dir: Path) -> JobConfig:
         job = JobConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
-    return _resolve_paths(job, base_dir)
+    return _resolve_paths(job, base_dir, source)
 
 
-def _resolve_paths(job: JobConfig, base_dir: Path) -> JobConfig:
-    def absolute(p: Path | None) -> Path | None:
-        return None if p is None else (base_dir / p.expanduser()).resolve()
+def _resolve_paths(job: JobConfig, base_dir: Path, source: str) -> JobConfig:
+    def absolute(p: Path | None, setting: str) -> Path | None:
+        try:
+            return None if p is None else (base_dir / p.expanduser()).resolve()
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ConfigError(f"{source}: {setting}: not a usable path ({exc})") from None
 
-    data = job.data.model_copy(update={"train": absolute(job.data.train), "dev": absolute(job.data.dev)})
-    output = job.output.model_copy(update={"dir": absolute(job.output.dir)})
+    data = job.data.model_copy(update={"train": absolute(job.data.train, "data.train"),
+                                       "dev": absolute(job.data.dev, "data.dev")})
+    output = job.output.model_copy(update={"dir": absolute(job.output.dir, "output.dir")})
     model = job.model
     if _is_path(model.name):
-        model = model.model_copy(update={"name": str(absolute(Path(model.name)))})
+        model = model.model_copy(update={"name": str(absolute(Path(model.name), "model.name"))})
     return job.model_copy(update={"data": data, "output": output, "model": model})
 
 
@@ -222,7 +230,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        # TOML has no surrogate-pair escapes, and wants DEL escaped, which JSON leaves raw
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -14,6 +14,7 @@ import numpy as np
 from .client import Client, LocalTraining
 from .config import JobConfig
 from .data import EncodedDataset, PadCollator, Splits, encode, load_splits, partition
+from .errors import ConfigError
 from .interfaces import Grid, Observer, SumClient, SumServer
 from .models import Evaluation, ModelBundle, build_model, evaluate
 from .models.saved import load_adapter, save_adapter
@@ -43,6 +44,10 @@ def load_task(config: JobConfig) -> Task:
     splits = load_splits(config.data)
     bundle = build_model(config.model, config.peft, splits.label_names, stream_seed(config.federation.seed, "init"))
     max_length = config.data.max_length
+    positions = bundle.max_positions - getattr(config.peft, "virtual_tokens", 0)
+    if max_length > positions:
+        raise ConfigError(f"data.max_length is {max_length} but {config.model.name} takes at most {positions} tokens "
+                          "per example (its position limit, less any virtual tokens)")
     train = encode(splits.train.texts, bundle.tokenizer, max_length, splits.train.labels)
     dev = encode(splits.dev.texts, bundle.tokenizer, max_length, splits.dev.labels)
     return Task(config, splits, bundle, train, dev, PadCollator(bundle.tokenizer.pad_token_id))

@@ -96,24 +96,33 @@ class RunDir:
         os.replace(tmp, self._checkpoint_path(round))
         _fsync(self.checkpoints)
 
-    def records(self, upto: int | None = None) -> list[dict]:
-        """The metrics of committed rounds, in order."""
-        if not self.metrics_file.exists():
-            return []
+    def records(self) -> list[dict]:
+        """The metrics of every round in metrics.jsonl, in order."""
         out = []
-        for lineno, line in enumerate(self.metrics_file.read_text(encoding="utf-8").splitlines(), start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise RunDirError(f"{self.metrics_file}:{lineno}: not valid JSON") from None
-            if upto is None or record.get("round", 0) <= upto:
-                out.append(record)
+        for lineno, line in enumerate(self._metric_lines(), start=1):
+            record = _parse_record(line)
+            if record is None:
+                raise RunDirError(f"{self.metrics_file}:{lineno}: not a metrics record")
+            out.append(record)
         return out
 
     def rollback_metrics(self, upto: int) -> None:
-        """Drop metrics of rounds that were written but never committed."""
-        kept = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records(upto))
-        _write_atomic(self.metrics_file, kept.encode())
+        """Keep the metrics of committed rounds only; a line torn by a crash after them is dropped."""
+        kept, damaged = [], 0
+        for lineno, line in enumerate(self._metric_lines(), start=1):
+            record = _parse_record(line)
+            if record is None:
+                damaged = damaged or lineno
+            elif record["round"] <= upto:
+                if damaged:
+                    raise RunDirError(f"{self.metrics_file}:{damaged}: damaged line among finished rounds")
+                kept.append(record)
+        _write_atomic(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+
+    def _metric_lines(self) -> list[str]:
+        if not self.metrics_file.exists():
+            return []
+        return self.metrics_file.read_text(encoding="utf-8", errors="replace").splitlines()
 
     def _checkpoint_rounds(self) -> Iterator[int]:
         if self.checkpoints.is_dir():
@@ -124,6 +133,15 @@ class RunDir:
 
     def _checkpoint_path(self, round: int) -> Path:
         return self.checkpoints / f"round-{round:05d}.safetensors"
+
+
+def _parse_record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("round"), int)
+    return record if ok else None
 
 
 def _free_default(path: Path) -> Path:

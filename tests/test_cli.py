@@ -1,6 +1,7 @@
 """The securefed command as a user meets it: exit codes, one-line errors, nothing written on failure."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,24 @@ def test_default_run_directories_never_collide(tmp_path, tiny_model, sst2_sample
 def test_help(tmp_path, args):
     result = securefed(*args, cwd=tmp_path)
     assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_ctrl_c_says_how_to_resume_and_resume_finishes(tmp_path, tiny_model, sst2_sample):
+    write_job(tmp_path, tiny_model, *sst2_sample, federation={"rounds": 10, "local_steps": 10})
+    proc = subprocess.Popen([sys.executable, "-m", "securefed.cli", "run", "job.toml", "--out", "run"], cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "120"})
+    try:
+        seen = []
+        for line in proc.stderr:  # bounded: the job ends by itself after 10 short rounds
+            seen.append(line)
+            if line.startswith("round 1: dev accuracy"):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "--resume run" in rest and "Traceback" not in rest
+    finished = securefed("run", "job.toml", "--resume", "run", cwd=tmp_path)
+    assert finished.returncode == 0 and "resuming after round" in finished.stderr
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 10

@@ -108,6 +108,25 @@ def test_size_limit_is_checked_before_parsing():
         decode(wire, max_bytes=1000)
 
 
+def test_size_limit_counts_bytes_of_any_buffer():
+    wire = encode(TrainIns(round=1, spec=b"s" * 32, weights=np.zeros(1000, dtype=np.float32)))
+    padded = wire + b"\x00" * (-len(wire) % 8)
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        decode(memoryview(np.frombuffer(padded, dtype=np.int64)), max_bytes=len(wire) - 1)
+
+
+@message(14)
+class Cube(Message):
+    cube: Annotated[np.ndarray, Array(("float32",), ndim=3)]
+
+
+def test_huge_claimed_shapes_do_not_wrap_around():
+    wire = encode(Cube(cube=np.zeros((1, 1, 1), dtype=np.float32)))
+    wire = wire.replace(struct.pack("<3I", 1, 1, 1), struct.pack("<3I", 2**22, 2**21, 2**21))  # 2**64 elements
+    with pytest.raises(ProtocolError, match="needs"):
+        decode(wire)
+
+
 def test_nesting_is_bounded():
     msg = TrainRes(round=1, metrics={}, upload=PlainUpload(round=1, vector=np.zeros(1, dtype=np.float32)))
     for _ in range(5):
@@ -117,6 +136,13 @@ def test_nesting_is_bounded():
 
 
 def test_encoding_refuses_values_the_peer_would_refuse():
+    with pytest.raises(ProtocolError, match="NaN"):
+        encode(TrainIns(round=1, spec=b"s", weights=np.array([1.0, np.nan], dtype=np.float32)))
+    with pytest.raises(ProtocolError, match="TrainIns.round"):
+        encode(TrainIns(round=2**64, spec=b"s", weights=np.zeros(3, dtype=np.float32)))
+    with pytest.raises(ProtocolError, match="entries exceed"):
+        encode(TrainRes(round=1, metrics={f"m{i}": 0.0 for i in range(300)},
+                        upload=PlainUpload(round=1, vector=np.zeros(1, np.float32))))
     with pytest.raises(ProtocolError, match="expected float32"):
         encode(TrainIns(round=1, spec=b"s", weights=np.zeros(3, dtype=np.float64)))
     with pytest.raises(ProtocolError, match="33 bytes exceed 32"):

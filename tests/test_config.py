@@ -84,6 +84,26 @@ def test_out_of_range_values_are_refused(tmp_path):
         tmp_path, VALID.replace("clients = 3", "clients = 3\nclients_per_round = 5"))
 
 
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("rounds = 2", 'rounds = "2"'), "federation.rounds: Input should be a valid integer"),
+        (("rounds = 2", "rounds = 2.0"), "federation.rounds: Input should be a valid integer"),
+        (("learning_rate = 0.001", "learning_rate = nan"), "federation.learning_rate: Input should be a finite"),
+        (('train = "data/train.csv"', 'train = "data/tr\\u0000ain.csv"'), "data.train: not a usable path"),
+    ],
+)
+def test_values_must_have_their_type(tmp_path, change, expected):
+    assert expected in error_of(tmp_path, VALID.replace(*change))
+
+
+def test_any_text_survives_the_resolved_toml(tmp_path):
+    odd = "tëxt 🙂 \\u007f\\t\\\"q\\\""
+    job = load_job(write(tmp_path, VALID.replace('[data]', f'[data]\ntext_field = "{odd}"')))
+    (tmp_path / "again.toml").write_text(job.to_toml(), encoding="utf-8")
+    assert load_job(tmp_path / "again.toml").data.text_field == job.data.text_field == "tëxt 🙂 \x7f\t\"q\""
+
+
 def test_missing_sections_and_conflicting_data_sources(tmp_path):
     assert "federation: required setting is missing" in error_of(tmp_path, 'name = "t"\n[data]\ndataset = "sst2"\n')
     both = VALID.replace('[data]\n', '[data]\ndataset = "sst2"\n')

@@ -62,6 +62,16 @@ def test_crashed_and_vanished_clients_are_dropouts_and_the_average_skips_them(tm
     assert record["contributors"] == 2 and record["dropped"] == 2
 
 
+def test_a_client_whose_update_is_not_finite_is_dropped(tmp_path):
+    clients = {0: ScriptedClient(5, np.ones(D, dtype=np.float32)), 1: ScriptedClient(5, np.full(D, np.nan, np.float32))}
+    notices = []
+    server = make_server(tmp_path, clients)
+    server.observer.notice = notices.append
+    weights, record = server.round(1, np.zeros(D, dtype=np.float32))
+    assert np.array_equal(weights, np.ones(D, dtype=np.float32))
+    assert record["dropped"] == 1 and any("client 1" in n and "NaN" in n for n in notices)
+
+
 def test_a_round_with_no_survivors_aborts_and_keeps_the_model(tmp_path):
     clients = {i: ScriptedClient(5, np.ones(D, dtype=np.float32)) for i in range(3)}
     notices = []

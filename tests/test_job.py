@@ -9,6 +9,7 @@ from conftest import write_job
 from safetensors.torch import load_file
 
 from securefed.config import load_job
+from securefed.errors import ConfigError
 from securefed.interfaces import LossTerm, Observer
 from securefed.job import client_datasets, evaluate_saved, load_task, make_client
 from securefed.protocol import TrainIns
@@ -94,13 +95,15 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(job_file, finished, tm
     assert [r["round"] for r in resumed.records] == [1, 2, 3]
 
 
-def test_uncommitted_metrics_are_rolled_back_on_resume(job_file, finished, tmp_path):
+@pytest.mark.parametrize("stray", [json.dumps({"round": 3, "stale": True}) + "\n", '{"round": 3, "bytes_d'],
+                         ids=["whole-line", "torn-line"])
+def test_uncommitted_metrics_are_rolled_back_on_resume(job_file, finished, tmp_path, stray):
     config = load_job(job_file)
     with pytest.raises(Crash):
         run(config, out=tmp_path / "r", observer=CrashAt(2, mid_round=False))
     # a crash between writing round 3's metrics and committing its checkpoint leaves a stray line
     with (tmp_path / "r" / "metrics.jsonl").open("a") as fh:
-        fh.write(json.dumps({"round": 3, "stale": True}) + "\n")
+        fh.write(stray)
     resumed = run(config, resume=tmp_path / "r")
     assert [r["round"] for r in resumed.records] == [1, 2, 3]
     assert not any(r.get("stale") for r in resumed.records)
@@ -156,3 +159,11 @@ def test_loss_terms_join_the_local_loss(job_file):
     plain = local_norm(())
     penalised = local_norm((PullToZero(task.bundle.view.parameters),))
     assert penalised < 0.97 * plain  # Adam moves each entry at most ~lr per step: 3 steps toward 0
+
+
+def test_inputs_longer_than_the_model_takes_are_refused_up_front(tmp_path, tiny_model, sst2_sample):
+    job = write_job(tmp_path, tiny_model, *sst2_sample, data={"max_length": 126},
+                    peft={"method": "prompt", "virtual_tokens": 4})
+    with pytest.raises(ConfigError, match="data.max_length is 126 .* at most 124 tokens"):
+        run(load_job(job), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

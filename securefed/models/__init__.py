@@ -24,6 +24,11 @@ class ModelBundle:
     view: FlatView
     base_path: Path
 
+    @property
+    def max_positions(self) -> int:
+        """The longest input the base model accepts, in tokens (unbounded if it does not say)."""
+        return int(getattr(self.model.config, "max_position_embeddings", None) or 2**31)
+
 
 def build_model(model: ModelConfig, adapter: PeftConfig, label_names: list[str], init_seed: int) -> ModelBundle:
     base_path = resolve(model.name)

@@ -64,7 +64,3 @@ class FlatView:
             raise ModelError(f"vector of shape {vector.shape} and dtype {vector.dtype} does not fit a "
                              f"trainable view of {self.size} float32 values")
         np.copyto(self._array, vector)
-
-    def check(self, digest: bytes) -> None:
-        if digest != self.spec.digest:
-            raise ModelError("the peer's model spec differs from ours (different model, PEFT method or settings)")

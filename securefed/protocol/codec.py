@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import struct
 import types
 import typing
@@ -150,11 +151,17 @@ def encode(msg: Message) -> bytes:
         value = getattr(msg, field.name)
         name = field.name.encode()
         parts.append(struct.pack("<B", len(name)) + name + struct.pack("<B", field.kind))
-        parts.extend(_encode_value(field, value))
+        try:
+            parts.extend(_encode_value(field, value))
+        except (struct.error, TypeError, ValueError, OverflowError) as exc:
+            raise ProtocolError(f"cannot encode {cls.__name__}.{field.name}: {exc}") from None
     return b"".join(parts)
 
 
 def _encode_value(field: _Field, value: Any) -> list[bytes]:
+    """The payload of one field, refusing anything the peer's decoder would refuse."""
+    if field.kind in (Kind.INTS, Kind.METRICS) and len(value) > field.max_len:
+        raise ValueError(f"{len(value)} entries exceed {field.max_len}")
     match field.kind:
         case Kind.INT:
             return [struct.pack("<q", value)]
@@ -165,14 +172,16 @@ def _encode_value(field: _Field, value: Any) -> list[bytes]:
         case Kind.STR | Kind.BYTES:
             data = value.encode() if field.kind == Kind.STR else bytes(value)
             if len(data) > field.max_len:
-                raise ProtocolError(f"cannot encode field {field.name!r}: {len(data)} bytes exceed {field.max_len}")
+                raise ValueError(f"{len(data)} bytes exceed {field.max_len}")
             return [struct.pack("<I", len(data)), data]
         case Kind.ARRAY:
             array = np.asarray(value)
             spec = field.array
             if array.dtype.name not in spec.dtypes or array.ndim != spec.ndim:
-                raise ProtocolError(f"cannot encode field {field.name!r}: {array.dtype.name} array with "
-                                    f"{array.ndim} dimensions, expected {' or '.join(spec.dtypes)} with {spec.ndim}")
+                raise ValueError(f"{array.dtype.name} array with {array.ndim} dimensions, "
+                                 f"expected {' or '.join(spec.dtypes)} with {spec.ndim}")
+            if spec.finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise ValueError("contains NaN or infinity")
             code = _DTYPE_CODES[array.dtype.name]
             header = struct.pack(f"<BB{array.ndim}I", code, array.ndim, *array.shape)
             return [header, array.astype(_DTYPES[code], copy=False).tobytes()]
@@ -186,7 +195,7 @@ def _encode_value(field: _Field, value: Any) -> list[bytes]:
             return out
         case Kind.MESSAGE:
             if field.message_types and type(value) not in field.message_types:
-                raise ProtocolError(f"cannot encode field {field.name!r}: {type(value).__name__} is not allowed")
+                raise TypeError(f"{type(value).__name__} is not allowed here")
             data = encode(value)
             return [struct.pack("<I", len(data)), data]
     raise AssertionError(field.kind)
@@ -225,6 +234,10 @@ def decode(
     """Decode one message; `expect` restricts which message types are acceptable."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"malformed message: expected bytes, got {type(data).__name__}")
+    try:
+        data = memoryview(data).cast("B")  # count bytes, whatever the buffer's item size
+    except TypeError:
+        raise ProtocolError("malformed message: not a contiguous byte buffer") from None
     if len(data) > max_bytes:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
     reader = _Reader(bytes(data), "message")
@@ -331,7 +344,7 @@ def _decode_array(reader: _Reader, field: _Field) -> np.ndarray:
     if ndim != spec.ndim:
         reader.fail(f"{item}: {ndim} dimensions, expected {spec.ndim}")
     shape = reader.unpack(f"<{ndim}I", item)
-    count = int(np.prod(shape, dtype=np.uint64)) if shape else 1
+    count = math.prod(shape)  # exact: numpy's product would wrap around
     nbytes = count * dtype.itemsize
     if nbytes > len(reader.data) - reader.pos:
         reader.fail(f"{item}: shape {shape} needs {nbytes} bytes, only {len(reader.data) - reader.pos} remain")

@@ -17,7 +17,7 @@ import numpy as np
 from .. import job as jobs
 from ..client import Client
 from ..config import JobConfig
-from ..errors import SecurefedError
+from ..errors import ProtocolError, SecurefedError
 from ..interfaces import Exchange, Grid, Observer
 from ..protocol import Message, decode, encode
 from ..report import write_report
@@ -44,18 +44,18 @@ class LocalGrid(Grid):
                 continue
             computing = time.perf_counter()
             try:
-                reply = self.clients[cid].handle(delivered)
-            except SecurefedError as exc:
-                out.dropped[cid] = f"failed: {exc}"
-                continue
-            except Exception as exc:  # a crashed client is a dropout, never the end of the job
-                out.dropped[cid] = f"crashed: {type(exc).__name__}: {exc}"
+                wire = encode(self.clients[cid].handle(delivered))
+            except Exception as exc:  # a failing client is a dropout, never the end of the job
+                reason = str(exc) if isinstance(exc, SecurefedError) else f"{type(exc).__name__}: {exc}"
+                out.dropped[cid] = f"failed: {reason}"
                 continue
             finally:
                 out.client_seconds += time.perf_counter() - computing
-            wire = encode(reply)
             out.bytes_up += len(wire)
-            out.replies[cid] = decode(wire)
+            try:
+                out.replies[cid] = decode(wire)
+            except ProtocolError as exc:
+                out.dropped[cid] = f"sent a malformed reply: {exc}"
         out.seconds = time.perf_counter() - started
         return out
 
