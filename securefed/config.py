@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -127,6 +128,32 @@ class FederationConfig(Section):
         return self.clients_per_round or self.clients
 
 
+class SecAggPlusConfig(Section):
+    """Pairwise masking over a k-regular neighbour graph, with dropout recovery from t-of-k Shamir shares."""
+
+    mode: Literal["secaggplus"]
+    neighbours: int | None = Field(None, ge=1, description="k; default: complete for small jobs, else ~3·log2 n")
+    threshold: int | None = Field(None, ge=1, description="t, shares needed to recover a secret; default k//2 + 1")
+    clip: float = Field(65536.0, gt=0, le=2.0**30, description="bound on each entry of n_k·Δ and on n_k")
+
+
+class PlainSumConfig(Section):
+    """No secure aggregation: the server sees every update. Only with insecure = true."""
+
+    mode: Literal["none"]
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _confirmed(self) -> PlainSumConfig:
+        if not self.insecure:
+            raise ValueError('mode = "none" shows every client\'s update to the server: '
+                             "set insecure = true to confirm")
+        return self
+
+
+SecAggConfig = Annotated[SecAggPlusConfig | PlainSumConfig, Field(discriminator="mode")]
+
+
 class OutputConfig(Section):
     dir: FilePath | None = Field(None, description="default: runs/<name> in the current directory")
 
@@ -138,7 +165,37 @@ class JobConfig(Section):
     data: DataConfig
     partition: PartitionConfig = IidPartition(method="iid")
     federation: FederationConfig
+    secagg: SecAggConfig = SecAggPlusConfig(mode="secaggplus")
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _secagg_fits(self) -> JobConfig:
+        if isinstance(self.secagg, SecAggPlusConfig):
+            fed = self.federation
+            if fed.clients < 2:
+                raise ValueError("secagg: secure aggregation needs at least 2 clients")
+            if fed.cohort_size != fed.clients:
+                raise ValueError("secagg: secaggplus needs every client in every round (clients_per_round = "
+                                 "clients); sampled cohorts need a graph per cohort, which is not built yet")
+            k, t = self.secagg_degree, self.secagg_threshold
+            if k > fed.clients - 1:
+                raise ValueError(f"secagg.neighbours: {k} exceeds the other clients ({fed.clients - 1})")
+            if k < fed.clients - 1 and k % 2:
+                raise ValueError(f"secagg.neighbours: {k} must be even (a ring graph), or {fed.clients - 1} for "
+                                 "the complete graph")
+            if t > k:
+                raise ValueError(f"secagg.threshold: {t} exceeds the {k} neighbours that hold the shares")
+        return self
+
+    @property
+    def secagg_degree(self) -> int:
+        """k: the complete graph for small jobs, else an even k of about 3·log2(n) (Bell et al.: O(log n))."""
+        n = self.federation.clients
+        return self.secagg.neighbours or min(n - 1, 2 * math.ceil(1.5 * math.log2(max(n, 2))))
+
+    @property
+    def secagg_threshold(self) -> int:
+        return self.secagg.threshold or self.secagg_degree // 2 + 1
 
     def to_toml(self) -> str:
         """The resolved job: every default filled in, every path absolute."""
@@ -193,7 +250,7 @@ def _is_path(name: str) -> bool:
     return "/" in name or "\\" in name or name.startswith((".", "~"))
 
 
-_TAGS = {"lora", "ia3", "prompt", "prefix", "iid", "dirichlet", "by_field"}
+_TAGS = {"lora", "ia3", "prompt", "prefix", "iid", "dirichlet", "by_field", "secaggplus", "none"}
 
 
 def _describe(exc: ValidationError) -> str:

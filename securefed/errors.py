@@ -31,3 +31,7 @@ class RunDirError(SecurefedError):
 
 class RoundAborted(SecurefedError):
     """A round could not complete (for example too many dropouts); the job goes on."""
+
+
+class SetupFailed(SecurefedError):
+    """The secure-sum setup could not complete, so no round can run."""

@@ -47,6 +47,17 @@ class SumClient(ABC):
 class SumServer(ABC):
     """The server's side: collects uploads, may ask for more, and yields only the sum."""
 
+    def setup(self, clients: Sequence[int], rounds: range) -> Mapping[int, Message]:
+        """Requests that open the protocol's once-per-job setup for `rounds`; none if it needs no setup."""
+        return {}
+
+    def setup_step(self, replies: Mapping[int, Message]) -> Mapping[int, Message]:
+        """Take the setup replies that arrived; return the next requests, or none once the setup is complete.
+
+        Raises SetupFailed when too few clients took part for the protocol to work.
+        """
+        return {}
+
     @abstractmethod
     def open(self, round: int, cohort: Sequence[int], size: int) -> None:
         """Start a round for `cohort`, whose vectors have `size` entries."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .client import Client, LocalTraining
-from .config import JobConfig
+from .config import JobConfig, SecAggPlusConfig
 from .data import EncodedDataset, PadCollator, Splits, encode, load_splits, partition
 from .errors import ConfigError
 from .interfaces import Grid, Observer, SumClient, SumServer
@@ -20,6 +20,7 @@ from .models import Evaluation, ModelBundle, build_model, evaluate
 from .models.saved import load_adapter, save_adapter
 from .rundir import RunDir
 from .secagg.plaintext import PlainSumClient, PlainSumServer
+from .secagg.secaggplus import SecAggPlusClient, SecAggPlusServer, SecAggPlusSettings
 from .seeding import stream_seed
 from .server import Schedule, Server
 
@@ -53,11 +54,21 @@ def load_task(config: JobConfig) -> Task:
     return Task(config, splits, bundle, train, dev, PadCollator(bundle.tokenizer.pad_token_id))
 
 
+def secaggplus_settings(config: JobConfig) -> SecAggPlusSettings:
+    return SecAggPlusSettings(job=bytes.fromhex(config.fingerprint()), clients=config.federation.clients,
+                              degree=config.secagg_degree, threshold=config.secagg_threshold,
+                              clip=config.secagg.clip, seed=config.federation.seed)
+
+
 def secure_sum_server(config: JobConfig) -> SumServer:
+    if isinstance(config.secagg, SecAggPlusConfig):
+        return SecAggPlusServer(secaggplus_settings(config))
     return PlainSumServer()
 
 
 def secure_sum_client(config: JobConfig, cid: int) -> SumClient:
+    if isinstance(config.secagg, SecAggPlusConfig):
+        return SecAggPlusClient(cid, secaggplus_settings(config))
     return PlainSumClient()
 
 

@@ -55,11 +55,27 @@ class Server:
 
     def run(self, weights: np.ndarray, start: int = 1) -> np.ndarray:
         """Run rounds `start`..`rounds` from `weights`; every finished round is committed to the run directory."""
-        for round in range(start, self.schedule.rounds + 1):
+        rounds = range(start, self.schedule.rounds + 1)
+        setup = self.setup(rounds) if rounds else None
+        for round in rounds:
             weights, record = self.round(round, weights)
+            if setup is not None:  # the once-per-job setup is charged to the first round it served
+                record["setup"], setup = setup, None
             self.run_dir.commit(round, weights, self.spec, record)
             self.observer.round_finished(record)
         return weights
+
+    def setup(self, rounds: range) -> dict:
+        """Run the secure sum's setup for `rounds`; return what it cost."""
+        log = _RoundLog(0, list(range(self.schedule.clients)))
+        requests = self.secure_sum.setup(log.cohort, rounds)
+        while requests:
+            exchange = log.add(self.grid.exchange(requests))
+            requests = self.secure_sum.setup_step(exchange.replies)
+        for cid, reason in sorted(log.dropped.items()):
+            self.observer.notice(f"setup: client {cid} dropped out ({reason})")
+        return {"bytes_down": log.bytes_down, "bytes_up": log.bytes_up, "seconds": log.seconds,
+                "dropped": len(log.dropped)}
 
     def round(self, round: int, weights: np.ndarray) -> tuple[np.ndarray, dict]:
         log = _RoundLog(round, self.schedule.cohort(round))

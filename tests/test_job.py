@@ -8,7 +8,7 @@ import torch
 from conftest import write_job
 from safetensors.torch import load_file
 
-from securefed.config import load_job
+from securefed.config import PlainSumConfig, load_job
 from securefed.errors import ConfigError
 from securefed.interfaces import LossTerm, Observer
 from securefed.job import client_datasets, evaluate_saved, load_task, make_client
@@ -144,7 +144,8 @@ class PullToZero(LossTerm):
 
 
 def test_loss_terms_join_the_local_loss(job_file):
-    task = load_task(load_job(job_file))
+    # in clear, to read the update
+    task = load_task(load_job(job_file).model_copy(update={"secagg": PlainSumConfig(mode="none", insecure=True)}))
     data = client_datasets(task)[0]
     start = task.bundle.view.get() + 0.5
     ins = TrainIns(round=1, spec=task.bundle.view.spec.digest, weights=start)

@@ -11,7 +11,8 @@ Wire format, little-endian:
     field   name length u8 | name (ASCII) | kind u8 | payload
     payload int i64 · float f64 · bool u8 (0/1) · str and bytes u32 length + data ·
             ints u32 count + i64 each · metrics u32 count + (u8 key length, key, f64) each ·
-            array u8 dtype code | u8 ndim | u32 per dim | raw data · message u32 length + encoded message
+            array u8 dtype code | u8 ndim | u32 per dim | raw data · message u32 length + encoded message ·
+            blobs u32 count + (u32 length + data) each · messages u32 count + (u32 length + message) each
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ class Array:
 
 @dataclass(frozen=True)
 class MaxLen:
-    """Annotation for str, bytes and tuple[int, ...] fields: the largest allowed length."""
+    """Annotation for str, bytes and tuple fields: the largest allowed length (for tuples: entries).
+
+    `item` bounds each entry of a tuple[bytes, ...].
+    """
 
     n: int
+    item: int = 2**20
 
 
 class Message:
@@ -72,11 +77,14 @@ class Kind(enum.IntEnum):
     INTS = 7
     METRICS = 8
     MESSAGE = 9
+    BLOBS = 10
+    MESSAGES = 11
 
 
 _DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<u4"), 3: np.dtype("<i8"), 4: np.dtype("u1"), 5: np.dtype("<f8")}
 _DTYPE_CODES = {dtype.name: code for code, dtype in _DTYPES.items()}
-_DEFAULT_MAX_LEN = {Kind.STR: 4096, Kind.BYTES: 2**20, Kind.INTS: 2**20, Kind.METRICS: 256}
+_DEFAULT_MAX_LEN = {Kind.STR: 4096, Kind.BYTES: 2**20, Kind.INTS: 2**20, Kind.METRICS: 256, Kind.BLOBS: 2**16,
+                    Kind.MESSAGES: 2**16}
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class _Field:
     kind: Kind
     array: Array | None = None
     max_len: int = 0
+    item_len: int = 0  # each entry of a BLOBS field
     message_types: tuple[type[Message], ...] = ()  # empty: any registered message
 
 
@@ -116,7 +125,8 @@ def _field_of(name: str, hint: Any) -> _Field:
     extras: tuple = ()
     if typing.get_origin(hint) is typing.Annotated:
         hint, *extras = typing.get_args(hint)
-    max_len = next((e.n for e in extras if isinstance(e, MaxLen)), 0)
+    limit = next((e for e in extras if isinstance(e, MaxLen)), None)
+    max_len = limit.n if limit else 0
     array = next((e for e in extras if isinstance(e, Array)), None)
     if hint is np.ndarray:
         if array is None:
@@ -130,13 +140,26 @@ def _field_of(name: str, hint: Any) -> _Field:
         return _Field(name, Kind.INTS, max_len=max_len or _DEFAULT_MAX_LEN[Kind.INTS])
     if hint == dict[str, float]:
         return _Field(name, Kind.METRICS, max_len=max_len or _DEFAULT_MAX_LEN[Kind.METRICS])
-    if isinstance(hint, type) and issubclass(hint, Message):
-        return _Field(name, Kind.MESSAGE, message_types=() if hint is Message else (hint,))
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        members = typing.get_args(hint)
-        if all(isinstance(m, type) and issubclass(m, Message) for m in members):
-            return _Field(name, Kind.MESSAGE, message_types=members)
+    if hint == tuple[bytes, ...]:
+        return _Field(name, Kind.BLOBS, max_len=max_len or _DEFAULT_MAX_LEN[Kind.BLOBS],
+                      item_len=limit.item if limit else MaxLen(0).item)
+    if typing.get_origin(hint) is tuple and len(typing.get_args(hint)) == 2 and typing.get_args(hint)[1] is ...:
+        members = _message_types(typing.get_args(hint)[0])
+        if members is not None:
+            return _Field(name, Kind.MESSAGES, max_len=max_len or _DEFAULT_MAX_LEN[Kind.MESSAGES],
+                          message_types=members)
+    members = _message_types(hint)
+    if members is not None:
+        return _Field(name, Kind.MESSAGE, message_types=members)
     raise ValueError(f"field {name!r}: type {hint!r} has no wire encoding")
+
+
+def _message_types(hint: Any) -> tuple[type[Message], ...] | None:
+    """The message classes a hint allows (empty: any registered message), or None if it is not a message hint."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not all(isinstance(m, type) and issubclass(m, Message) for m in members):
+        return None
+    return () if members == (Message,) else tuple(members)
 
 
 # ---------------------------------------------------------------- encoding
@@ -160,7 +183,7 @@ def encode(msg: Message) -> bytes:
 
 def _encode_value(field: _Field, value: Any) -> list[bytes]:
     """The payload of one field, refusing anything the peer's decoder would refuse."""
-    if field.kind in (Kind.INTS, Kind.METRICS) and len(value) > field.max_len:
+    if field.kind in (Kind.INTS, Kind.METRICS, Kind.BLOBS, Kind.MESSAGES) and len(value) > field.max_len:
         raise ValueError(f"{len(value)} entries exceed {field.max_len}")
     match field.kind:
         case Kind.INT:
@@ -194,11 +217,29 @@ def _encode_value(field: _Field, value: Any) -> list[bytes]:
                 out.append(struct.pack("<B", len(raw)) + raw + struct.pack("<d", number))
             return out
         case Kind.MESSAGE:
-            if field.message_types and type(value) not in field.message_types:
-                raise TypeError(f"{type(value).__name__} is not allowed here")
-            data = encode(value)
-            return [struct.pack("<I", len(data)), data]
+            return _encode_nested(field, value)
+        case Kind.BLOBS:
+            if not isinstance(value, (tuple, list)):
+                raise TypeError(f"expected a tuple of bytes, got {type(value).__name__}")
+            out = [struct.pack("<I", len(value))]
+            for blob in value:
+                blob = bytes(blob)
+                if len(blob) > field.item_len:
+                    raise ValueError(f"an entry of {len(blob)} bytes exceeds {field.item_len}")
+                out += [struct.pack("<I", len(blob)), blob]
+            return out
+        case Kind.MESSAGES:
+            if not isinstance(value, (tuple, list)):
+                raise TypeError(f"expected a tuple of messages, got {type(value).__name__}")
+            return [struct.pack("<I", len(value))] + [part for item in value for part in _encode_nested(field, item)]
     raise AssertionError(field.kind)
+
+
+def _encode_nested(field: _Field, value: Any) -> list[bytes]:
+    if field.message_types and type(value) not in field.message_types:
+        raise TypeError(f"{type(value).__name__} is not allowed here")
+    data = encode(value)
+    return [struct.pack("<I", len(data)), data]
 
 
 # ---------------------------------------------------------------- decoding
@@ -324,12 +365,32 @@ def _decode_value(reader: _Reader, field: _Field, max_bytes: int, depth: int) ->
                 metrics[key] = reader.unpack("<d", item)[0]
             return metrics
         case Kind.MESSAGE:
-            if depth + 1 >= MAX_DEPTH:
-                reader.fail(f"{item}: messages nested deeper than {MAX_DEPTH}")
+            return _decode_nested(reader, field, max_bytes, depth)
+        case Kind.BLOBS | Kind.MESSAGES:
             (n,) = reader.unpack("<I", item)
-            inner = bytes(reader.take(n, item))
-            return decode(inner, field.message_types or None, max_bytes=max_bytes, _depth=depth + 1)
+            if n > field.max_len:
+                reader.fail(f"{item}: {n} entries exceed {field.max_len}")
+            if n * 4 > len(reader.data) - reader.pos:
+                reader.fail(f"truncated in {item}")
+            if field.kind == Kind.MESSAGES:
+                return tuple(_decode_nested(reader, field, max_bytes, depth) for _ in range(n))
+            blobs = []
+            for _ in range(n):
+                (size,) = reader.unpack("<I", item)
+                if size > field.item_len:
+                    reader.fail(f"{item}: an entry of {size} bytes exceeds {field.item_len}")
+                blobs.append(bytes(reader.take(size, item)))
+            return tuple(blobs)
     raise AssertionError(field.kind)
+
+
+def _decode_nested(reader: _Reader, field: _Field, max_bytes: int, depth: int) -> Message:
+    item = f"field {field.name!r}"
+    if depth + 1 >= MAX_DEPTH:
+        reader.fail(f"{item}: messages nested deeper than {MAX_DEPTH}")
+    (n,) = reader.unpack("<I", item)
+    inner = bytes(reader.take(n, item))
+    return decode(inner, field.message_types or None, max_bytes=max_bytes, _depth=depth + 1)
 
 
 def _decode_array(reader: _Reader, field: _Field) -> np.ndarray:

@@ -1,0 +1,32 @@
+"""Fixed-point encoding of float vectors into Z_2^32, with headroom for a sum over n parties.
+
+Each entry is clipped to [−clip, clip], scaled, and rounded stochastically (unbiased). The
+scale leaves room for `parties` encoded values to be added without wrapping around, so
+the modular sum decodes to the true sum of the encoded values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_HALF = 2**31
+
+
+class FixedPoint:
+    def __init__(self, clip: float, parties: int):
+        if not clip > 0 or parties < 1:
+            raise ValueError("clip must be positive and parties at least 1")
+        self.clip = float(clip)
+        self.parties = parties
+        # each |encoded entry| ≤ clip·scale + 1, so a sum of `parties` stays below 2^31
+        self.scale = (_HALF - 1 - parties) / (parties * self.clip)
+
+    def encode(self, vector: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        scaled = np.clip(np.asarray(vector, dtype=np.float64), -self.clip, self.clip) * self.scale
+        low = np.floor(scaled)
+        rounded = low + (rng.random(scaled.shape) < scaled - low)
+        return rounded.astype(np.int64).astype(np.uint32)  # two's complement mod 2^32
+
+    def decode(self, total: np.ndarray) -> np.ndarray:
+        """The float sum behind a modular sum of at most `parties` encoded vectors."""
+        return np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.float64) / self.scale

@@ -1,0 +1,481 @@
+"""SecAgg+: pairwise masking over a sparse neighbour graph (Bell et al. 2020), dropout recovery by
+Shamir shares (Bonawitz et al. 2017). Client and server are state machines over typed messages.
+
+Setup, once per job (three exchanges):
+  1. SetupStart → KeyAdvert: each client draws, for every round of the job, an X25519 mask key pair
+     and a self-mask seed, and advertises the public keys, seed commitments and a channel key.
+  2. ShareRequest → EncryptedShares: the server picks a k-regular graph; each client Shamir-shares
+     (t of k) every round's mask private key and self seed among its neighbours, encrypted pairwise.
+  3. ShareDelivery → SetupDone: the server routes the ciphertexts; each client keeps its neighbours'.
+
+Per round (two exchanges):
+  1. MaskedUpload (inside TrainRes): y = encode(x) + PRG(self seed) + Σ ±PRG(pair key) mod 2^32.
+  2. UnmaskRequest → UnmaskReply: for each neighbour, a client reveals its share of the self seed if
+     the server names that neighbour a survivor, or of the mask key if it names it dropped; never
+     both, and only once per round.
+
+Secrets are per round, so what the server reconstructs in one round (a survivor's seed, a dropped
+client's mask key) tells it nothing about any other round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from ..errors import ProtocolError, RoundAborted, SetupFailed
+from ..interfaces import SumClient, SumResult, SumServer
+from ..protocol import Array, MaxLen, Message, message
+from ..seeding import stream
+from . import shamir
+from .channel import channel_key, public_bytes, seal, shared_secret, unseal
+from .encoding import FixedPoint
+from .graph import neighbour_graph
+from .prg import derive_key, expand
+
+MAX_CLIENTS = 100_000
+MAX_ROUNDS = 100_000
+_SHARES_PER_ROUND = 2 * shamir.SHARE_BYTES  # mask-key share, then self-seed share
+
+Key32 = Annotated[bytes, MaxLen(32)]
+KeyTable = Annotated[np.ndarray, Array(("uint8",), ndim=2)]  # one 32-byte row per round
+Ids = Annotated[tuple[int, ...], MaxLen(MAX_CLIENTS)]
+Ciphertexts = Annotated[tuple[bytes, ...], MaxLen(MAX_CLIENTS, item=MAX_ROUNDS * _SHARES_PER_ROUND + 64)]
+Shares = Annotated[tuple[bytes, ...], MaxLen(MAX_CLIENTS, item=shamir.SHARE_BYTES)]
+
+
+@message(32)
+class SetupStart(Message):
+    first_round: int
+    last_round: int
+
+
+@message(33)
+class KeyAdvert(Message):
+    client: int
+    first_round: int
+    channel_key: Key32
+    mask_keys: KeyTable  # X25519 public key of each round
+    seed_commitments: KeyTable  # SHA-256 of each round's self-mask seed
+
+
+@message(34)
+class ShareRequest(Message):
+    neighbours: Ids
+    adverts: tuple[KeyAdvert, ...]  # in the order of `neighbours`
+
+
+@message(35)
+class EncryptedShares(Message):
+    recipients: Ids
+    ciphertexts: Ciphertexts
+
+
+@message(36)
+class ShareDelivery(Message):
+    senders: Ids
+    ciphertexts: Ciphertexts
+
+
+@message(37)
+class SetupDone(Message):
+    neighbours: int
+
+
+@message(38)
+class MaskedUpload(Message):
+    round: int
+    vector: Annotated[np.ndarray, Array(("uint32",))]
+
+
+@message(39)
+class UnmaskRequest(Message):
+    round: int
+    survivors: Ids  # neighbours whose upload is in the sum: reveal their self-seed shares
+    dropped: Ids  # neighbours whose upload is not: reveal their mask-key shares
+
+
+@message(40)
+class UnmaskReply(Message):
+    round: int
+    own_seed_share: Annotated[bytes, MaxLen(shamir.SHARE_BYTES)]  # the replying survivor's share of its own seed
+    seed_shares: Shares  # in the order of `survivors`
+    key_shares: Shares  # in the order of `dropped`
+
+
+@dataclass(frozen=True)
+class SecAggPlusSettings:
+    job: bytes  # binds every key and ciphertext to this job
+    clients: int
+    degree: int  # k: neighbours per client
+    threshold: int  # t: shares needed to recover a secret
+    clip: float  # bound on each entry of the summed vectors
+    seed: int  # the job seed: graph choice and stochastic rounding
+
+    @property
+    def encoding(self) -> FixedPoint:
+        return FixedPoint(self.clip, self.clients)
+
+
+def seed_commitment(seed: bytes) -> bytes:
+    return hashlib.sha256(b"securefed/self-seed" + seed).digest()
+
+
+def self_mask(settings: SecAggPlusSettings, seed: bytes, round: int, client: int, size: int) -> np.ndarray:
+    return expand(derive_key(seed, job=settings.job, purpose="self-mask", round=round, parties=(client,)), size)
+
+
+def pair_mask(settings: SecAggPlusSettings, secret: bytes, round: int, a: int, b: int, size: int) -> np.ndarray:
+    """The mask clients a and b share in `round`; the lower id adds it, the higher subtracts it."""
+    key = derive_key(secret, job=settings.job, purpose="pair-mask", round=round, parties=tuple(sorted((a, b))))
+    return expand(key, size)
+
+
+# ---------------------------------------------------------------- client
+
+
+@dataclass
+class _Setup:
+    rounds: range
+    channel: X25519PrivateKey
+    mask_keys: dict[int, X25519PrivateKey]
+    seeds: dict[int, bytes]
+    adverts: dict[int, KeyAdvert] = field(default_factory=dict)  # neighbours', after the share request
+    own_shares: bytes = b""  # this client's shares of its own secrets, for every round
+    held: dict[int, bytes] = field(default_factory=dict)  # neighbour → its shares for every round
+    ready: bool = False
+    uploaded: set[int] = field(default_factory=set)
+    answered: set[int] = field(default_factory=set)
+
+
+class SecAggPlusClient(SumClient):
+    def __init__(self, cid: int, settings: SecAggPlusSettings):
+        self.cid = cid
+        self.settings = settings
+        self._setup: _Setup | None = None
+
+    def reply(self, request: Message) -> Message:
+        if isinstance(request, SetupStart):
+            return self._advertise(request)
+        if isinstance(request, ShareRequest):
+            return self._share(request)
+        if isinstance(request, ShareDelivery):
+            return self._receive(request)
+        if isinstance(request, UnmaskRequest):
+            return self._unmask(request)
+        return super().reply(request)
+
+    def _advertise(self, start: SetupStart) -> KeyAdvert:
+        if not 1 <= start.first_round <= start.last_round < start.first_round + MAX_ROUNDS:
+            raise ProtocolError(f"SetupStart names rounds {start.first_round}..{start.last_round}")
+        rounds = range(start.first_round, start.last_round + 1)
+        setup = _Setup(rounds, X25519PrivateKey.generate(), {r: X25519PrivateKey.generate() for r in rounds},
+                       {r: os.urandom(32) for r in rounds})
+        self._setup = setup  # a new setup replaces any earlier one, with fresh secrets
+        return KeyAdvert(
+            client=self.cid, first_round=rounds.start, channel_key=public_bytes(setup.channel),
+            mask_keys=_table(public_bytes(setup.mask_keys[r]) for r in rounds),
+            seed_commitments=_table(seed_commitment(setup.seeds[r]) for r in rounds))
+
+    def _share(self, request: ShareRequest) -> EncryptedShares:
+        setup = self._stage("a share request", lambda s: not s.adverts)
+        neighbours = request.neighbours
+        self._check_ids(neighbours, range(self.settings.clients), "neighbours")
+        if len(neighbours) + 1 < self.settings.threshold:
+            raise ProtocolError(f"{len(neighbours)} neighbours cannot hold a {self.settings.threshold}-of-k sharing")
+        if tuple(a.client for a in request.adverts) != neighbours:
+            raise ProtocolError("the key advertisements do not match the neighbours")
+        for advert in request.adverts:
+            _check_advert(advert, advert.client, setup.rounds)
+        setup.adverts = {a.client: a for a in request.adverts}
+        t, holders = self.settings.threshold, (*neighbours, self.cid)
+        per_round = [(shamir.split(setup.mask_keys[r].private_bytes_raw(), t, holders),
+                      shamir.split(setup.seeds[r], t, holders)) for r in setup.rounds]
+        # The client holds a share of its own secrets too: it reveals that of its seed when it survives.
+        setup.own_shares = b"".join(keys[self.cid] + seeds[self.cid] for keys, seeds in per_round)
+        ciphertexts = []
+        for v in neighbours:
+            plaintext = b"".join(keys[v] + seeds[v] for keys, seeds in per_round)
+            key = channel_key(setup.channel, setup.adverts[v].channel_key, job=self.settings.job, a=self.cid, b=v)
+            ciphertexts.append(seal(key, plaintext, job=self.settings.job, stage="shares", sender=self.cid,
+                                    recipient=v))
+        return EncryptedShares(recipients=neighbours, ciphertexts=tuple(ciphertexts))
+
+    def _receive(self, delivery: ShareDelivery) -> SetupDone:
+        setup = self._stage("a share delivery", lambda s: bool(s.adverts) and not s.ready)
+        self._check_ids(delivery.senders, setup.adverts, "senders")
+        if len(delivery.ciphertexts) != len(delivery.senders):
+            raise ProtocolError("ShareDelivery has a ciphertext count unlike its sender count")
+        if len(delivery.senders) + 1 < self.settings.threshold:
+            raise ProtocolError(f"only {len(delivery.senders)} neighbours completed the setup, too few for the "
+                                f"threshold {self.settings.threshold}")
+        held = {}
+        for sender, blob in zip(delivery.senders, delivery.ciphertexts):
+            key = channel_key(setup.channel, setup.adverts[sender].channel_key, job=self.settings.job,
+                              a=self.cid, b=sender)
+            plaintext = unseal(key, blob, job=self.settings.job, stage="shares", sender=sender, recipient=self.cid)
+            if len(plaintext) != len(setup.rounds) * _SHARES_PER_ROUND:
+                raise ProtocolError(f"the shares from client {sender} have the wrong length")
+            held[sender] = plaintext
+        # Mask only with neighbours that completed the setup: exactly those whose shares arrived.
+        setup.adverts = {v: setup.adverts[v] for v in delivery.senders}
+        setup.held, setup.ready = held, True
+        return SetupDone(neighbours=len(held))
+
+    def upload(self, round: int, vector: np.ndarray) -> MaskedUpload:
+        setup = self._stage("an upload", lambda s: s.ready)
+        if round not in setup.rounds:
+            raise ProtocolError(f"the secure-aggregation setup does not cover round {round}")
+        if round in setup.uploaded:
+            raise ProtocolError(f"already uploaded for round {round}: masks are never reused")
+        setup.uploaded.add(round)
+        size = len(vector)
+        masked = self.settings.encoding.encode(vector, stream(self.settings.seed, "secagg-rounding", round, self.cid))
+        masked += self_mask(self.settings, setup.seeds[round], round, self.cid, size)
+        index = round - setup.rounds.start
+        for v, advert in setup.adverts.items():
+            secret = shared_secret(setup.mask_keys[round], bytes(advert.mask_keys[index]))
+            mask = pair_mask(self.settings, secret, round, self.cid, v, size)
+            if self.cid < v:
+                masked += mask
+            else:
+                masked -= mask
+        return MaskedUpload(round=round, vector=masked)
+
+    def _unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        setup = self._stage("an unmask request", lambda s: s.ready)
+        round = request.round
+        if round not in setup.uploaded:
+            raise ProtocolError(f"unmask request for round {round}, in which this client uploaded nothing")
+        if round in setup.answered:
+            raise ProtocolError(f"refused: round {round} was already unmasked")
+        survivors, dropped = request.survivors, request.dropped
+        self._check_ids(survivors, setup.adverts, "survivors")
+        self._check_ids(dropped, setup.adverts, "dropped")
+        if set(survivors) & set(dropped):
+            raise ProtocolError("refused: the request names a client both a survivor and dropped")
+        if len(survivors) + 1 < self.settings.threshold:
+            raise ProtocolError(f"refused: {len(survivors) + 1} survivors in this neighbourhood, "
+                                f"fewer than the threshold {self.settings.threshold}")
+        setup.answered.add(round)
+        at = (round - setup.rounds.start) * _SHARES_PER_ROUND
+        key_shares = tuple(setup.held[v][at : at + shamir.SHARE_BYTES] for v in dropped)
+        seed_shares = tuple(setup.held[v][at + shamir.SHARE_BYTES : at + _SHARES_PER_ROUND] for v in survivors)
+        own_seed_share = setup.own_shares[at + shamir.SHARE_BYTES : at + _SHARES_PER_ROUND]
+        # this round's own secrets are no longer needed
+        setup.mask_keys.pop(round, None)
+        setup.seeds.pop(round, None)
+        return UnmaskReply(round=round, own_seed_share=own_seed_share, seed_shares=seed_shares,
+                           key_shares=key_shares)
+
+    def _stage(self, what: str, ok) -> _Setup:
+        if self._setup is None or not ok(self._setup):
+            raise ProtocolError(f"{what} arrived out of order in the secure-aggregation setup")
+        return self._setup
+
+    def _check_ids(self, ids: Sequence[int], allowed, what: str) -> None:
+        if len(set(ids)) != len(ids) or list(ids) != sorted(ids):
+            raise ProtocolError(f"{what} must be distinct and sorted")
+        outside = [i for i in ids if i not in allowed or i == self.cid]
+        if outside:
+            raise ProtocolError(f"refused: {what} names client {outside[0]}, outside this client's neighbourhood")
+
+
+def _table(rows) -> np.ndarray:
+    return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, 32).copy()
+
+
+def _check_advert(advert: KeyAdvert, client: int, rounds: range) -> None:
+    shape = (len(rounds), 32)
+    if advert.client != client or advert.first_round != rounds.start:
+        raise ProtocolError(f"key advertisement of client {advert.client} is for another client or rounds")
+    if len(advert.channel_key) != 32 or advert.mask_keys.shape != shape or advert.seed_commitments.shape != shape:
+        raise ProtocolError(f"key advertisement of client {advert.client} has the wrong key sizes")
+
+
+# ---------------------------------------------------------------- server
+
+
+@dataclass
+class _Round:
+    number: int
+    cohort: frozenset[int]
+    size: int
+    total: np.ndarray | None = None
+    survivors: tuple[int, ...] = ()
+    dropped: frozenset[int] = frozenset()
+    requests: dict[int, UnmaskRequest] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+class SecAggPlusServer(SumServer):
+    def __init__(self, settings: SecAggPlusSettings):
+        self.settings = settings
+        self._stage = "new"
+        self._rounds = range(0)
+        self._invited: frozenset[int] = frozenset()
+        self._adverts: dict[int, KeyAdvert] = {}
+        self._graph: dict[int, tuple[int, ...]] = {}
+        self._round: _Round | None = None
+
+    @property
+    def graph(self) -> Mapping[int, tuple[int, ...]]:
+        return self._graph
+
+    # setup
+
+    def setup(self, clients: Sequence[int], rounds: range) -> dict[int, Message]:
+        self._stage, self._rounds, self._invited = "advertise", rounds, frozenset(clients)
+        self._adverts, self._graph, self._round = {}, {}, None
+        return {c: SetupStart(first_round=rounds.start, last_round=rounds.stop - 1) for c in sorted(clients)}
+
+    def setup_step(self, replies: Mapping[int, Message]) -> dict[int, Message]:
+        if self._stage == "advertise":
+            return self._request_shares(replies)
+        if self._stage == "share":
+            return self._deliver_shares(replies)
+        if self._stage == "deliver":
+            self._stage = "ready"  # a member that did not confirm counts as a dropout in the rounds
+            return {}
+        raise ProtocolError(f"no setup step is pending (stage {self._stage})")
+
+    def _request_shares(self, replies: Mapping[int, Message]) -> dict[int, Message]:
+        for cid, advert in sorted(replies.items()):
+            if cid in self._invited and isinstance(advert, KeyAdvert):
+                try:
+                    _check_advert(advert, cid, self._rounds)
+                except ProtocolError:
+                    continue
+                self._adverts[cid] = advert
+        self._require(self._adverts, "advertised keys")
+        degree = min(self.settings.degree, len(self._adverts) - 1)
+        if degree < len(self._adverts) - 1 and degree % 2:
+            degree -= 1  # a ring graph needs an even degree
+        self._graph = neighbour_graph(list(self._adverts), degree, stream(self.settings.seed, "secagg-graph"))
+        self._stage = "share"
+        return {m: ShareRequest(neighbours=n, adverts=tuple(self._adverts[v] for v in n))
+                for m, n in self._graph.items()}
+
+    def _deliver_shares(self, replies: Mapping[int, Message]) -> dict[int, Message]:
+        sent = {cid: r for cid, r in replies.items()
+                if cid in self._graph and isinstance(r, EncryptedShares) and r.recipients == self._graph[cid]
+                and len(r.ciphertexts) == len(r.recipients)}
+        graph = {m: tuple(v for v in self._graph[m] if v in sent) for m in sent}
+        # Whoever is left with fewer than t share holders (its neighbours and itself) could not be recovered
+        # after a dropout: leave it out.
+        while short := [m for m, n in graph.items() if len(n) + 1 < self.settings.threshold]:
+            graph = {m: tuple(v for v in n if v not in short) for m, n in graph.items() if m not in short}
+        self._require(graph, "shared their secrets")
+        self._graph = graph
+        self._stage = "deliver"
+        return {m: ShareDelivery(senders=n, ciphertexts=tuple(sent[v].ciphertexts[sent[v].recipients.index(m)]
+                                                              for v in n))
+                for m, n in graph.items()}
+
+    def _require(self, members, what: str) -> None:
+        needed = self.settings.threshold + 1
+        if len(members) < needed:
+            self._stage = "failed"
+            raise SetupFailed(f"secure aggregation setup failed: only {len(members)} of {len(self._invited)} "
+                              f"clients {what}; at least {needed} are needed (threshold {self.settings.threshold})")
+
+    # rounds
+
+    def open(self, round: int, cohort: Sequence[int], size: int) -> None:
+        if self._stage != "ready":
+            raise RoundAborted(f"round {round}: the secure-aggregation setup is not complete")
+        if round not in self._rounds:
+            raise RoundAborted(f"round {round}: the secure-aggregation setup does not cover it")
+        self._round = _Round(round, frozenset(cohort), size)
+
+    def step(self, replies: Mapping[int, Message]) -> Mapping[int, Message] | SumResult:
+        state = self._round
+        if state is None:
+            raise RoundAborted("no round is open")
+        if state.total is None:
+            return self._collect(state, replies)
+        self._round = None
+        return self._unmask(state, replies)
+
+    def _collect(self, state: _Round, uploads: Mapping[int, Message]) -> dict[int, Message]:
+        state.total = np.zeros(state.size, dtype=np.uint32)
+        survivors = []
+        for cid, upload in sorted(uploads.items()):
+            if cid not in state.cohort:
+                state.rejected[cid] = "not in this round's cohort"
+            elif cid not in self._graph:
+                state.rejected[cid] = "not part of the secure aggregation (its setup did not complete)"
+            elif not isinstance(upload, MaskedUpload) or upload.round != state.number:
+                state.rejected[cid] = f"expected MaskedUpload for round {state.number}"
+            elif upload.vector.shape != (state.size,):
+                state.rejected[cid] = f"vector of {upload.vector.shape[0]} entries, expected {state.size}"
+            else:
+                state.total += upload.vector  # only the running sum is kept
+                survivors.append(cid)
+        if not survivors:
+            self._round = None
+            raise RoundAborted(f"round {state.number}: no client contributed to the sum")
+        alive = set(survivors)
+        state.survivors = tuple(survivors)
+        state.dropped = frozenset(v for s in survivors for v in self._graph[s] if v not in alive)
+        state.requests = {
+            s: UnmaskRequest(round=state.number, survivors=tuple(v for v in self._graph[s] if v in alive),
+                             dropped=tuple(v for v in self._graph[s] if v in state.dropped))
+            for s in survivors}
+        return dict(state.requests)
+
+    def _unmask(self, state: _Round, replies: Mapping[int, Message]) -> SumResult:
+        seed_shares: dict[int, dict[int, bytes]] = {s: {} for s in state.survivors}
+        key_shares: dict[int, dict[int, bytes]] = {d: {} for d in state.dropped}
+        for holder, reply in replies.items():
+            request = state.requests.get(holder)
+            if (request is None or not isinstance(reply, UnmaskReply) or reply.round != state.number
+                    or len(reply.seed_shares) != len(request.survivors)
+                    or len(reply.key_shares) != len(request.dropped)):
+                continue
+            seed_shares[holder][holder] = reply.own_seed_share
+            for owner, share in zip(request.survivors, reply.seed_shares):
+                seed_shares[owner][holder] = share
+            for owner, share in zip(request.dropped, reply.key_shares):
+                key_shares[owner][holder] = share
+        total = state.total
+        index = state.number - self._rounds.start
+        for s in state.survivors:
+            seed = self._recover(state.number, s, seed_shares[s], "self-mask seed")
+            if seed_commitment(seed) != bytes(self._adverts[s].seed_commitments[index]):
+                raise RoundAborted(f"round {state.number}: the shares of client {s}'s self-mask seed do not match "
+                                   "its commitment (a share was altered)")
+            total -= self_mask(self.settings, seed, state.number, s, state.size)
+        alive = set(state.survivors)
+        for d in sorted(state.dropped):
+            private = X25519PrivateKey.from_private_bytes(self._recover(state.number, d, key_shares[d], "mask key"))
+            if public_bytes(private) != bytes(self._adverts[d].mask_keys[index]):
+                raise RoundAborted(f"round {state.number}: the shares of client {d}'s mask key do not match its "
+                                   "advertised key (a share was altered)")
+            for s in self._graph[d]:
+                if s in alive:
+                    secret = shared_secret(private, bytes(self._adverts[s].mask_keys[index]))
+                    mask = pair_mask(self.settings, secret, state.number, s, d, state.size)
+                    if s < d:  # s added this mask for its dropped neighbour: take it out
+                        total -= mask
+                    else:
+                        total += mask
+        return SumResult(total=self.settings.encoding.decode(total), contributors=state.survivors,
+                         rejected=state.rejected)
+
+    def _recover(self, round: int, owner: int, shares: dict[int, bytes], what: str) -> bytes:
+        t = self.settings.threshold
+        if len(shares) < t:
+            raise RoundAborted(f"round {round}: only {len(shares)} of the {t} shares needed to recover client "
+                               f"{owner}'s {what} arrived (fewer than t survivors in its neighbourhood)")
+        chosen = dict(sorted(shares.items())[:t])
+        try:
+            return shamir.combine(chosen)
+        except ProtocolError as exc:
+            raise RoundAborted(f"round {round}: cannot recover client {owner}'s {what}: {exc}") from None
