@@ -34,6 +34,7 @@ test-slow: $(VENV)/.installed-test  ## the slow tier: whole jobs on real data
 
 bench: $(VENV)/.installed-test  ## benchmarks; each prints JSON against a baseline measured in the same run
 	$(BIN)/python benchmarks/round.py
+	$(BIN)/python benchmarks/secagg.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

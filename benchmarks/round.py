@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from securefed.config import IidPartition, load_job
+from securefed.config import IidPartition, PlainSumConfig, load_job
 from securefed.runtime.local import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,7 @@ def centralized(job):
     return job.model_copy(update={
         "name": f"{job.name}-centralized",
         "partition": IidPartition(method="iid"),
+        "secagg": PlainSumConfig(mode="none", insecure=True),  # one client: nothing to hide its update among
         "federation": fed.model_copy(update={"clients": 1, "clients_per_round": None,
                                               "local_steps": fed.cohort_size * fed.local_steps}),
     })

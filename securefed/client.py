@@ -68,6 +68,8 @@ class Client:
     def train(self, ins: TrainIns) -> TrainRes:
         """Train from `ins.weights`; the update n_k·(θ_local − θ_global) and n_k go into the secure sum."""
         started = time.perf_counter()
+        if ins.round < 1:
+            raise ProtocolError(f"TrainIns names round {ins.round}")
         if ins.spec != self.view.spec.digest:
             raise ProtocolError("TrainIns is for a different model spec (model, PEFT method or settings differ)")
         if ins.weights.shape != (self.view.size,):

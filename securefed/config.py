@@ -133,7 +133,7 @@ class SecAggPlusConfig(Section):
 
     mode: Literal["secaggplus"]
     neighbours: int | None = Field(None, ge=1, description="k; default: complete for small jobs, else ~3·log2 n")
-    threshold: int | None = Field(None, ge=1, description="t, shares needed to recover a secret; default k//2 + 1")
+    threshold: int | None = Field(None, ge=2, description="t of the k+1 holders; default (k+1)//2 + 1")
     clip: float = Field(65536.0, gt=0, le=2.0**30, description="bound on each entry of n_k·Δ and on n_k")
 
 
@@ -183,19 +183,18 @@ class JobConfig(Section):
             if k < fed.clients - 1 and k % 2:
                 raise ValueError(f"secagg.neighbours: {k} must be even (a ring graph), or {fed.clients - 1} for "
                                  "the complete graph")
-            if t > k:
-                raise ValueError(f"secagg.threshold: {t} exceeds the {k} neighbours that hold the shares")
+            if not (k + 1) / 2 < t <= k + 1:
+                raise ValueError(f"secagg.threshold: {t} must be more than half of, and at most, the {k + 1} share "
+                                 f"holders (the {k} neighbours and the client): between {(k + 1) // 2 + 1} and {k + 1}")
         return self
 
     @property
     def secagg_degree(self) -> int:
-        """k: the complete graph for small jobs, else an even k of about 3·log2(n) (Bell et al.: O(log n))."""
-        n = self.federation.clients
-        return self.secagg.neighbours or min(n - 1, 2 * math.ceil(1.5 * math.log2(max(n, 2))))
+        return self.secagg.neighbours or default_degree(self.federation.clients)
 
     @property
     def secagg_threshold(self) -> int:
-        return self.secagg.threshold or self.secagg_degree // 2 + 1
+        return self.secagg.threshold or default_threshold(self.secagg_degree)
 
     def to_toml(self) -> str:
         """The resolved job: every default filled in, every path absolute."""
@@ -205,6 +204,17 @@ class JobConfig(Section):
         """A hash of everything that determines the run's result: all but the output location."""
         content = self.model_dump(mode="json", exclude={"output"})
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def default_degree(clients: int) -> int:
+    """SecAgg+'s k: the complete graph up to about 25 clients, else an even k of about 6·log2(n) (Bell et al.:
+    O(log n)), wide enough that 30% dropouts leave a majority of survivors in every neighbourhood."""
+    return min(clients - 1, 2 * math.ceil(3 * math.log2(max(clients, 2))))
+
+
+def default_threshold(degree: int) -> int:
+    """SecAgg+'s t: a strict majority of the k+1 share holders, so no two disjoint sets of holders both reach t."""
+    return (degree + 1) // 2 + 1
 
 
 def load_job(path: str | Path) -> JobConfig:

@@ -56,6 +56,7 @@ def load_task(config: JobConfig) -> Task:
 
 def secaggplus_settings(config: JobConfig) -> SecAggPlusSettings:
     return SecAggPlusSettings(job=bytes.fromhex(config.fingerprint()), clients=config.federation.clients,
+                              rounds=config.federation.rounds,
                               degree=config.secagg_degree, threshold=config.secagg_threshold,
                               clip=config.secagg.clip, seed=config.federation.seed)
 

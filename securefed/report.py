@@ -23,8 +23,7 @@ def write_report(run: RunDir, job: JobConfig, records: Sequence[dict]) -> None:
         + (f" (alpha={job.partition.alpha})" if job.partition.method == "dirichlet" else ""),
         f"- Federation: {fed.clients} clients, {fed.cohort_size} per round, {fed.rounds} rounds of "
         f"{fed.local_steps} local steps (batch {fed.batch_size}, learning rate {fed.learning_rate}), seed {fed.seed}",
-        "- Aggregation: plaintext FedAvg. The server sees every client's update; "
-        "this version has no secure aggregation and no differential privacy yet.",
+        _aggregation(job, records),
         f"- Rounds completed: {len(records)} of {fed.rounds}",
         f"- Final dev accuracy: {final:.4f}" if final is not None else "- Final dev accuracy: not evaluated",
         "",
@@ -43,6 +42,18 @@ def write_report(run: RunDir, job: JobConfig, records: Sequence[dict]) -> None:
             f"{r['bytes_up'] / 1024:.1f} | {seconds:.1f} |"
         )
     run.report_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _aggregation(job: JobConfig, records: Sequence[dict]) -> str:
+    if job.secagg.mode == "none":
+        return ('- Aggregation: plaintext FedAvg (`secagg.mode = "none"`, `insecure = true`). **Insecure: the server '
+                "saw every client's update.** No differential privacy yet.")
+    setup = next((r["setup"] for r in records if "setup" in r), None)
+    cost = (f" Setup: {setup['bytes_up'] / 1024:.1f} KB up, {setup['bytes_down'] / 1024:.1f} KB down, "
+            f"{setup['seconds']:.2f} s." if setup else "")
+    return (f"- Aggregation: FedAvg over SecAgg+ ({job.secagg_degree} neighbours per client, threshold "
+            f"{job.secagg_threshold}): the server saw only the sum of the updates, never one update.{cost} "
+            "No differential privacy yet.")
 
 
 def _fmt(value: float | None) -> str:

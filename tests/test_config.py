@@ -114,3 +114,35 @@ def test_unreadable_files_are_config_errors(tmp_path):
     assert "invalid TOML" in error_of(tmp_path, "name = \n")
     with pytest.raises(ConfigError, match="job file not found"):
         load_job(tmp_path / "absent.toml")
+
+
+def test_secure_aggregation_is_on_by_default_with_a_complete_graph_for_small_jobs(tmp_path):
+    job = load_job(write(tmp_path, VALID))
+    assert job.secagg.mode == "secaggplus"
+    assert (job.secagg_degree, job.secagg_threshold) == (2, 2)
+    big = load_job(write(tmp_path, VALID.replace("clients = 3", "clients = 1000")))
+    assert (big.secagg_degree, big.secagg_threshold) == (60, 31)
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ('[secagg]\nmode = "none"\n', 'secagg: mode = "none" shows every client\'s update to the server: set insecure'),
+    ('[secagg]\nmode = "ckks"\n', "secagg: Input tag 'ckks' found using 'mode' does not match"),
+    ('[secagg]\nmode = "secaggplus"\nneighbours = 3\n', "exceeds the other clients"),
+    ('[secagg]\nmode = "secaggplus"\nthreshold = 4\n', "secagg.threshold: 4 must be more than half of, and at most"),
+    ('[secagg]\nmode = "secaggplus"\nthreshold = 1\n', "secagg.threshold: Input should be greater than or equal to 2"),
+    ('[secagg]\nmode = "secaggplus"\nclip = -1.0\n', "secagg.clip: Input should be greater than 0"),
+    ('[secagg]\nmode = "secaggplus"\nshares = 2\n', "secagg.shares: unknown setting"),
+])
+def test_secure_aggregation_settings_are_checked(tmp_path, section, message):
+    assert message in error_of(tmp_path, VALID + section)
+
+
+def test_secaggplus_refuses_sampled_cohorts_and_odd_ring_degrees(tmp_path):
+    many = VALID.replace("clients = 3", "clients = 20")
+    assert "needs every client in every round" in error_of(tmp_path, many + "clients_per_round = 5\n")
+    assert "must be even" in error_of(tmp_path, many + '[secagg]\nmode = "secaggplus"\nneighbours = 7\n')
+
+
+def test_plaintext_sum_needs_an_explicit_insecure_flag(tmp_path):
+    job = load_job(write(tmp_path, VALID + '[secagg]\nmode = "none"\ninsecure = true\n'))
+    assert job.secagg.mode == "none"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -40,7 +41,7 @@ from .graph import neighbour_graph
 from .prg import derive_key, expand
 
 MAX_CLIENTS = 100_000
-MAX_ROUNDS = 100_000
+MAX_ROUNDS = 100_000  # the most rounds one setup may cover (FederationConfig allows as many)
 _SHARES_PER_ROUND = 2 * shamir.SHARE_BYTES  # mask-key share, then self-seed share
 
 Key32 = Annotated[bytes, MaxLen(32)]
@@ -113,6 +114,7 @@ class UnmaskReply(Message):
 class SecAggPlusSettings:
     job: bytes  # binds every key and ciphertext to this job
     clients: int
+    rounds: int  # the job's last round: no setup reaches past it
     degree: int  # k: neighbours per client
     threshold: int  # t: shares needed to recover a secret
     clip: float  # bound on each entry of the summed vectors
@@ -123,8 +125,8 @@ class SecAggPlusSettings:
         return FixedPoint(self.clip, self.clients)
 
 
-def seed_commitment(seed: bytes) -> bytes:
-    return hashlib.sha256(b"securefed/self-seed" + seed).digest()
+def seed_commitment(settings: SecAggPlusSettings, client: int, round: int, seed: bytes) -> bytes:
+    return hashlib.sha256(b"securefed/self-seed" + settings.job + struct.pack("<qq", client, round) + seed).digest()
 
 
 def self_mask(settings: SecAggPlusSettings, seed: bytes, round: int, client: int, size: int) -> np.ndarray:
@@ -172,7 +174,7 @@ class SecAggPlusClient(SumClient):
         return super().reply(request)
 
     def _advertise(self, start: SetupStart) -> KeyAdvert:
-        if not 1 <= start.first_round <= start.last_round < start.first_round + MAX_ROUNDS:
+        if not 1 <= start.first_round <= start.last_round <= self.settings.rounds:
             raise ProtocolError(f"SetupStart names rounds {start.first_round}..{start.last_round}")
         rounds = range(start.first_round, start.last_round + 1)
         setup = _Setup(rounds, X25519PrivateKey.generate(), {r: X25519PrivateKey.generate() for r in rounds},
@@ -181,20 +183,25 @@ class SecAggPlusClient(SumClient):
         return KeyAdvert(
             client=self.cid, first_round=rounds.start, channel_key=public_bytes(setup.channel),
             mask_keys=_table(public_bytes(setup.mask_keys[r]) for r in rounds),
-            seed_commitments=_table(seed_commitment(setup.seeds[r]) for r in rounds))
+            seed_commitments=_table(seed_commitment(self.settings, self.cid, r, setup.seeds[r]) for r in rounds))
 
     def _share(self, request: ShareRequest) -> EncryptedShares:
         setup = self._stage("a share request", lambda s: not s.adverts)
-        neighbours = request.neighbours
+        neighbours, t = request.neighbours, self.settings.threshold
         self._check_ids(neighbours, range(self.settings.clients), "neighbours")
-        if len(neighbours) + 1 < self.settings.threshold:
-            raise ProtocolError(f"{len(neighbours)} neighbours cannot hold a {self.settings.threshold}-of-k sharing")
+        if len(neighbours) > self.settings.degree:
+            raise ProtocolError(f"refused: {len(neighbours)} neighbours, more than the job's {self.settings.degree}")
+        # t must be a strict majority of the holders, or a server telling some holders "survived" and others
+        # "dropped" about one client could collect both its seed and its mask key.
+        if not (len(neighbours) + 1) / 2 < t <= len(neighbours) + 1:
+            raise ProtocolError(f"refused: {len(neighbours)} neighbours and the client cannot hold a {t}-of-n sharing "
+                                "with a majority threshold")
         if tuple(a.client for a in request.adverts) != neighbours:
             raise ProtocolError("the key advertisements do not match the neighbours")
         for advert in request.adverts:
             _check_advert(advert, advert.client, setup.rounds)
-        setup.adverts = {a.client: a for a in request.adverts}
-        t, holders = self.settings.threshold, (*neighbours, self.cid)
+        adverts = {a.client: a for a in request.adverts}
+        holders = (*neighbours, self.cid)
         per_round = [(shamir.split(setup.mask_keys[r].private_bytes_raw(), t, holders),
                       shamir.split(setup.seeds[r], t, holders)) for r in setup.rounds]
         # The client holds a share of its own secrets too: it reveals that of its seed when it survives.
@@ -202,9 +209,10 @@ class SecAggPlusClient(SumClient):
         ciphertexts = []
         for v in neighbours:
             plaintext = b"".join(keys[v] + seeds[v] for keys, seeds in per_round)
-            key = channel_key(setup.channel, setup.adverts[v].channel_key, job=self.settings.job, a=self.cid, b=v)
+            key = channel_key(setup.channel, adverts[v].channel_key, job=self.settings.job, a=self.cid, b=v)
             ciphertexts.append(seal(key, plaintext, job=self.settings.job, stage="shares", sender=self.cid,
                                     recipient=v))
+        setup.adverts = adverts
         return EncryptedShares(recipients=neighbours, ciphertexts=tuple(ciphertexts))
 
     def _receive(self, delivery: ShareDelivery) -> SetupDone:
@@ -297,9 +305,27 @@ def _check_advert(advert: KeyAdvert, client: int, rounds: range) -> None:
         raise ProtocolError(f"key advertisement of client {advert.client} is for another client or rounds")
     if len(advert.channel_key) != 32 or advert.mask_keys.shape != shape or advert.seed_commitments.shape != shape:
         raise ProtocolError(f"key advertisement of client {advert.client} has the wrong key sizes")
+    probe = X25519PrivateKey.generate()  # a low-order or malformed key fails here, not mid-round
+    for key in (advert.channel_key, *map(bytes, advert.mask_keys)):
+        shared_secret(probe, key)
 
 
 # ---------------------------------------------------------------- server
+
+
+def _components(members: set[int], graph: Mapping[int, tuple[int, ...]]) -> list[set[int]]:
+    """The connected groups of `members` in `graph` restricted to them."""
+    left, groups = set(members), []
+    while left:
+        group, frontier = set(), [left.pop()]
+        while frontier:
+            node = frontier.pop()
+            group.add(node)
+            fresh = [v for v in graph[node] if v in left]
+            left.difference_update(fresh)
+            frontier += fresh
+        groups.append(group)
+    return groups
 
 
 @dataclass
@@ -379,7 +405,7 @@ class SecAggPlusServer(SumServer):
                 for m, n in graph.items()}
 
     def _require(self, members, what: str) -> None:
-        needed = self.settings.threshold + 1
+        needed = max(self.settings.threshold, 2)
         if len(members) < needed:
             self._stage = "failed"
             raise SetupFailed(f"secure aggregation setup failed: only {len(members)} of {len(self._invited)} "
@@ -422,6 +448,12 @@ class SecAggPlusServer(SumServer):
             self._round = None
             raise RoundAborted(f"round {state.number}: no client contributed to the sum")
         alive = set(survivors)
+        groups = _components(alive, self._graph)
+        if len(groups) > 1:
+            # masks cancel within each connected group of survivors: unmasking would expose each group's sum
+            self._round = None
+            raise RoundAborted(f"round {state.number}: the survivors fall into {len(groups)} unconnected groups "
+                               f"(the smallest of {min(map(len, groups))}), whose separate sums unmasking would expose")
         state.survivors = tuple(survivors)
         state.dropped = frozenset(v for s in survivors for v in self._graph[s] if v not in alive)
         state.requests = {
@@ -444,11 +476,14 @@ class SecAggPlusServer(SumServer):
                 seed_shares[owner][holder] = share
             for owner, share in zip(request.dropped, reply.key_shares):
                 key_shares[owner][holder] = share
+        for shares in (*seed_shares.values(), *key_shares.values()):
+            for holder in [h for h, share in shares.items() if len(share) != shamir.SHARE_BYTES]:
+                del shares[holder]  # malformed: as if it never came
         total = state.total
         index = state.number - self._rounds.start
         for s in state.survivors:
             seed = self._recover(state.number, s, seed_shares[s], "self-mask seed")
-            if seed_commitment(seed) != bytes(self._adverts[s].seed_commitments[index]):
+            if seed_commitment(self.settings, s, state.number, seed) != bytes(self._adverts[s].seed_commitments[index]):
                 raise RoundAborted(f"round {state.number}: the shares of client {s}'s self-mask seed do not match "
                                    "its commitment (a share was altered)")
             total -= self_mask(self.settings, seed, state.number, s, state.size)
@@ -460,7 +495,7 @@ class SecAggPlusServer(SumServer):
                                    "advertised key (a share was altered)")
             for s in self._graph[d]:
                 if s in alive:
-                    secret = shared_secret(private, bytes(self._adverts[s].mask_keys[index]))
+                    secret = self._agree(state.number, private, self._adverts[s].mask_keys[index])
                     mask = pair_mask(self.settings, secret, state.number, s, d, state.size)
                     if s < d:  # s added this mask for its dropped neighbour: take it out
                         total -= mask
@@ -468,6 +503,12 @@ class SecAggPlusServer(SumServer):
                         total += mask
         return SumResult(total=self.settings.encoding.decode(total), contributors=state.survivors,
                          rejected=state.rejected)
+
+    def _agree(self, round: int, private: X25519PrivateKey, public: np.ndarray) -> bytes:
+        try:
+            return shared_secret(private, bytes(public))
+        except ProtocolError as exc:
+            raise RoundAborted(f"round {round}: {exc}") from None
 
     def _recover(self, round: int, owner: int, shares: dict[int, bytes], what: str) -> bytes:
         t = self.settings.threshold

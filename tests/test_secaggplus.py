@@ -1,0 +1,369 @@
+"""SecAgg+ with real primitives: exact sums, dropouts at every stage, refusals, tampering, fuzzing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from securefed.errors import ProtocolError, RoundAborted, SetupFailed
+from securefed.protocol import Message, decode, encode
+from securefed.secagg import shamir
+from securefed.secagg.encoding import FixedPoint
+from securefed.secagg.secaggplus import (
+    EncryptedShares,
+    KeyAdvert,
+    MaskedUpload,
+    SecAggPlusClient,
+    SecAggPlusServer,
+    SecAggPlusSettings,
+    SetupStart,
+    ShareDelivery,
+    ShareRequest,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from securefed.seeding import stream
+
+SIZE = 257
+
+
+def make_settings(n: int, degree: int | None = None, threshold: int | None = None) -> SecAggPlusSettings:
+    degree = n - 1 if degree is None else degree
+    return SecAggPlusSettings(job=b"job-id".ljust(32, b"\0"), clients=n, rounds=3, degree=degree,
+                              threshold=threshold or (degree + 1) // 2 + 1, clip=100.0, seed=11)
+
+
+class Federation:
+    """Server and clients talking only through the codec; `drop` picks who vanishes at each stage."""
+
+    def __init__(self, settings: SecAggPlusSettings, rounds: range = range(1, 4)):
+        self.settings = settings
+        self.clients = {c: SecAggPlusClient(c, settings) for c in range(settings.clients)}
+        self.server = SecAggPlusServer(settings)
+        self.rounds = rounds
+
+    def exchange(self, requests, drop=frozenset(), tamper=None) -> dict[int, Message]:
+        replies = {}
+        for cid, request in requests.items():
+            if cid in drop:
+                continue
+            wire = encode(request)
+            if tamper:
+                wire = tamper(cid, wire)
+            try:
+                replies[cid] = decode(encode(self.clients[cid].reply(decode(wire))))
+            except ProtocolError:
+                pass  # a refusing client is a dropout
+        return replies
+
+    def setup(self, drops: tuple = ((), (), ())) -> None:
+        requests = self.server.setup(list(self.clients), self.rounds)
+        stage = 0
+        while requests:
+            requests = self.server.setup_step(self.exchange(requests, set(drops[stage])))
+            stage += 1
+
+    def round(self, number: int, vectors: dict[int, np.ndarray], drop_upload=(), drop_unmask=()):
+        self.server.open(number, sorted(self.clients), SIZE)
+        uploads = {c: decode(encode(self.clients[c].upload(number, v))) for c, v in vectors.items()
+                   if c not in drop_upload}
+        requests = self.server.step(uploads)
+        return self.server.step(self.exchange(requests, set(drop_unmask)))
+
+
+def vectors(n: int, seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {c: rng.normal(0, 10, SIZE).astype(np.float32) for c in range(n)}
+
+
+def encoded_sum(settings: SecAggPlusSettings, number: int, xs: dict[int, np.ndarray], members) -> np.ndarray:
+    """The plaintext sum of the encoded vectors, with the same stochastic rounding the clients use."""
+    enc = settings.encoding
+    total = np.zeros(SIZE, dtype=np.uint32)
+    for c in members:
+        total += enc.encode(xs[c], stream(settings.seed, "secagg-rounding", number, c))
+    return enc.decode(total)
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def test_shamir_any_t_shares_recover_and_fewer_do_not():
+    secret = bytes(range(32))
+    shares = shamir.split(secret, 3, [0, 4, 7, 9, 12])
+    for chosen in ([0, 4, 7], [4, 9, 12], [0, 7, 12]):
+        assert shamir.combine({h: shares[h] for h in chosen}) == secret
+    with pytest.raises(ProtocolError):  # two shares interpolate to a random field element
+        assert shamir.combine({h: shares[h] for h in (0, 4)}) != secret
+
+
+def test_fixed_point_sum_decodes_to_the_float_sum():
+    enc = FixedPoint(clip=50.0, parties=20)
+    rng = np.random.default_rng(3)
+    xs = rng.uniform(-50, 50, (20, 1000))
+    total = np.zeros(1000, dtype=np.uint32)
+    for x in xs:
+        total += enc.encode(x, rng)
+    assert np.abs(enc.decode(total) - xs.sum(0)).max() <= 20 / enc.scale
+    assert enc.decode(enc.encode(np.array([1e9, -1e9]), rng)) == pytest.approx([50.0, -50.0], abs=1 / enc.scale)
+
+
+# ---------------------------------------------------------------- exact sums and dropouts
+
+
+@pytest.mark.parametrize(("n", "degree"), [(5, None), (12, 6)])
+def test_sum_equals_the_plaintext_sum_of_encoded_vectors(n, degree):
+    fed = Federation(make_settings(n, degree))
+    fed.setup()
+    for number in fed.rounds:
+        xs = vectors(n, number)
+        result = fed.round(number, xs)
+        assert result.contributors == tuple(range(n))
+        np.testing.assert_array_equal(result.total, encoded_sum(fed.settings, number, xs, range(n)))
+        assert np.abs(result.total - sum(x.astype(np.float64) for x in xs.values())).max() < n / fed.settings.encoding.scale
+
+
+STAGES = ["advertise", "share", "deliver", "upload", "unmask"]
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("stage", STAGES)
+def test_dropouts_at_every_stage_keep_the_sum_exact(stage, rate):
+    n = 20
+    fed = Federation(make_settings(n, degree=12, threshold=7))  # 6 gone still leave 7 holders everywhere
+    gone = {int(c) for c in np.random.default_rng(len(stage)).choice(n, int(rate * n), replace=False)}
+    setup_drops = tuple(gone if stage == s else () for s in STAGES[:3])
+    fed.setup(setup_drops)
+    members = set(fed.server.graph)
+    assert members == set(range(n)) - (gone if stage in ("advertise", "share") else set())
+    xs = vectors(n)
+    number = 2
+    result = fed.round(number, {c: xs[c] for c in members},
+                       drop_upload=gone if stage in ("deliver", "upload") else (),
+                       drop_unmask=gone if stage == "unmask" else ())
+    # a client gone at delivery or upload is not in the sum; one gone at unmask already is
+    summed = members - gone if stage in ("deliver", "upload") else members
+    assert set(result.contributors) == summed
+    np.testing.assert_array_equal(result.total, encoded_sum(fed.settings, number, xs, sorted(summed)))
+
+
+def test_too_few_survivors_abort_the_round_and_the_next_round_works():
+    n = 10
+    fed = Federation(make_settings(n, degree=9, threshold=6))
+    fed.setup()
+    xs = vectors(n)
+    with pytest.raises(RoundAborted, match="fewer than t survivors"):
+        fed.round(1, xs, drop_upload={0, 1, 2, 3, 4})  # 5 survivors < t = 6: every client refuses
+    result = fed.round(2, xs, drop_upload={0, 1, 2})
+    np.testing.assert_array_equal(result.total, encoded_sum(fed.settings, 2, xs, range(3, n)))
+
+
+def test_setup_with_too_few_clients_fails_clearly():
+    fed = Federation(make_settings(5, threshold=3))
+    with pytest.raises(SetupFailed, match="only 2 of 5 clients advertised keys; at least 3 are needed"):
+        fed.setup(({0, 1, 2}, (), ()))
+
+
+def test_survivors_in_unconnected_groups_abort_before_anything_is_revealed():
+    import itertools
+
+    from securefed.secagg.secaggplus import _components
+
+    fed = Federation(make_settings(12, degree=4, threshold=3))
+    fed.setup()
+    graph = fed.server.graph
+    gone = next(set(c) for c in itertools.combinations(range(12), 4)
+                if len(_components(set(range(12)) - set(c), graph)) > 1)
+    xs = vectors(12)
+    fed.server.open(1, range(12), SIZE)
+    uploads = {c: fed.clients[c].upload(1, xs[c]) for c in range(12) if c not in gone}
+    with pytest.raises(RoundAborted, match="unconnected groups"):
+        fed.server.step(uploads)
+
+
+# ---------------------------------------------------------------- a curious or malicious server
+
+
+def test_clients_refuse_a_threshold_that_is_not_a_majority_of_the_holders():
+    fed = Federation(make_settings(4, threshold=2))  # k=3: two disjoint pairs of holders could each reach t
+    with pytest.raises(SetupFailed, match="only 0 of 4 clients shared their secrets"):
+        fed.setup()
+
+
+def test_a_low_order_key_leaves_its_client_out_instead_of_crashing_the_server():
+    fed = Federation(make_settings(5))
+    adverts = fed.exchange(fed.server.setup(list(fed.clients), fed.rounds))
+    adverts[3] = dataclasses.replace(adverts[3], mask_keys=np.zeros_like(adverts[3].mask_keys))
+    requests = fed.server.setup_step(adverts)
+    assert set(requests) == {0, 1, 2, 4} and 3 not in fed.server.graph[0]
+
+
+def test_a_setup_past_the_jobs_last_round_is_refused():
+    with pytest.raises(ProtocolError, match="names rounds 1..4"):
+        SecAggPlusClient(0, make_settings(3)).reply(SetupStart(first_round=1, last_round=4))
+
+
+@pytest.fixture
+def ready():
+    fed = Federation(make_settings(6, threshold=4))
+    fed.setup()
+    fed.server.open(1, range(6), SIZE)
+    for c in range(6):
+        fed.clients[c].upload(1, vectors(6)[c])
+    return fed
+
+
+def test_a_client_refuses_to_reveal_both_shares_of_one_client(ready):
+    with pytest.raises(ProtocolError, match="both a survivor and dropped"):
+        ready.clients[0].reply(UnmaskRequest(round=1, survivors=(1, 2, 3), dropped=(3,)))
+
+
+@pytest.mark.parametrize(("survivors", "dropped", "reason"), [
+    ((1, 2, 9), (), "outside this client's neighbourhood"),
+    ((0, 1, 2), (), "outside this client's neighbourhood"),  # itself
+    ((1,), (2, 3, 4, 5), "fewer than the threshold"),
+    ((2, 1), (), "distinct and sorted"),
+])
+def test_a_client_refuses_malformed_unmask_requests(ready, survivors, dropped, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        ready.clients[0].reply(UnmaskRequest(round=1, survivors=survivors, dropped=dropped))
+
+
+def test_a_client_answers_one_unmask_request_per_round(ready):
+    ready.clients[0].reply(UnmaskRequest(round=1, survivors=(1, 2, 3, 4, 5), dropped=()))
+    with pytest.raises(ProtocolError, match="already unmasked"):  # asking again, now calling 5 dropped
+        ready.clients[0].reply(UnmaskRequest(round=1, survivors=(1, 2, 3, 4), dropped=(5,)))
+
+
+def test_a_client_never_masks_twice_with_the_same_round_keys(ready):
+    with pytest.raises(ProtocolError, match="masks are never reused"):
+        ready.clients[0].upload(1, vectors(6)[0])
+
+
+def test_tampered_or_misrouted_share_ciphertexts_fail_authentication():
+    fed = Federation(make_settings(4))
+    requests = fed.server.setup(list(fed.clients), fed.rounds)
+    requests = fed.server.setup_step(fed.exchange(requests))
+    deliveries = fed.server.setup_step(fed.exchange(requests))
+    delivery = deliveries[0]
+    flipped = bytearray(delivery.ciphertexts[0])
+    flipped[20] ^= 1
+    with pytest.raises(ProtocolError, match="failed authentication"):
+        fed.clients[0].reply(dataclasses.replace(delivery, ciphertexts=(bytes(flipped), *delivery.ciphertexts[1:])))
+    # client 1's ciphertexts handed to client 0 under the same senders: wrong pair, wrong key and associated data
+    with pytest.raises(ProtocolError, match="failed authentication"):
+        fed.clients[0].reply(dataclasses.replace(delivery, ciphertexts=deliveries[1].ciphertexts))
+
+
+def test_an_altered_revealed_share_is_detected():
+    fed = Federation(make_settings(5, threshold=5))
+    fed.setup()
+    xs = vectors(5)
+    fed.server.open(1, range(5), SIZE)
+    requests = fed.server.step({c: fed.clients[c].upload(1, xs[c]) for c in range(5)})
+    replies = fed.exchange(requests)
+    bad = bytearray(replies[2].seed_shares[0])
+    bad[-1] ^= 1
+    replies[2] = dataclasses.replace(replies[2], seed_shares=(bytes(bad), *replies[2].seed_shares[1:]))
+    with pytest.raises(RoundAborted, match="do not match its commitment|cannot recover"):
+        fed.server.step(replies)
+
+
+def test_a_masked_upload_alone_looks_uniform():
+    """A chi-square test on the top byte of each masked entry; the encoding alone fails the same test."""
+    n, size = 4, 40_000
+    settings = dataclasses.replace(make_settings(n), clip=1.0)
+    fed = Federation(settings)
+    fed.setup()
+    zeros = np.zeros(size, dtype=np.float32)
+    masked = fed.clients[0].upload(1, zeros).vector
+    assert masked.dtype == np.uint32
+    counts = np.bincount(masked >> 24, minlength=256)
+    assert stats.chisquare(counts).pvalue > 1e-6
+    plain = settings.encoding.encode(zeros, np.random.default_rng(0))
+    assert stats.chisquare(np.bincount(plain >> 24, minlength=256)).pvalue < 1e-6
+
+
+def test_the_server_keeps_only_the_running_sum(ready):
+    xs = vectors(6)
+    uploads = {c: MaskedUpload(round=1, vector=np.full(SIZE, c + 1, dtype=np.uint32)) for c in range(6)}
+    ready.server.step(uploads)
+    arrays = [v for v in vars(ready.server._round).values() if isinstance(v, np.ndarray)]
+    assert len(arrays) == 1 and np.array_equal(arrays[0], np.full(SIZE, 21, dtype=np.uint32))
+    del xs
+
+
+# ---------------------------------------------------------------- fuzzing every decoder and party
+
+def _valid_wires() -> list[bytes]:
+    fed = Federation(make_settings(4))
+    wires = []
+    requests = fed.server.setup(list(fed.clients), fed.rounds)
+    while requests:
+        wires += [encode(m) for m in requests.values()]
+        replies = fed.exchange(requests)
+        wires += [encode(m) for m in replies.values()]
+        requests = fed.server.setup_step(replies)
+    fed.server.open(1, range(4), 8)
+    uploads = {c: fed.clients[c].upload(1, np.ones(8, dtype=np.float32)) for c in range(4)}
+    wires += [encode(m) for m in uploads.values()]
+    requests = fed.server.step(uploads)
+    wires += [encode(m) for m in requests.values()] + [encode(m) for m in fed.exchange(requests).values()]
+    return wires
+
+
+VALID = _valid_wires()
+PARTY_ERRORS = (ProtocolError, RoundAborted, SetupFailed)
+
+
+@st.composite
+def mutated(draw) -> bytes:
+    wire = bytearray(draw(st.sampled_from(VALID)))
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(wire) - 1))
+        wire[at] = draw(st.integers(0, 255))
+    return bytes(wire[: draw(st.integers(0, len(wire)))] if draw(st.booleans()) else wire)
+
+
+class Injecting(Federation):
+    """At exchange number `at`, client 2 is handed `msg` as its request and client 1's reply is replaced by it."""
+
+    def __init__(self, msg: Message, at: int):
+        super().__init__(make_settings(4))
+        self.msg, self.at, self.count = msg, at, 0
+
+    def exchange(self, requests, drop=frozenset(), tamper=None):
+        if self.count == self.at:
+            requests = {**requests, 2: self.msg}
+        replies = super().exchange(requests, drop, tamper)
+        if self.count == self.at:
+            replies[1] = self.msg
+        self.count += 1
+        return replies
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wire=st.one_of(mutated(), st.binary(max_size=200)))
+def test_no_input_crashes_a_decoder_or_a_party(wire):
+    try:
+        msg = decode(wire)
+    except ProtocolError:
+        return
+    assert encode(decode(encode(msg))) == encode(msg)
+    for at in range(4):  # the three setup exchanges, then the unmask exchange
+        fed = Injecting(msg, at)
+        try:
+            fed.setup()
+            fed.round(1, {c: np.zeros(SIZE, dtype=np.float32) for c in range(4)})
+        except PARTY_ERRORS:
+            pass
+    for c in (0, 3):  # a party's own state machine, with a stray message at the upload stage
+        try:
+            fed.server.step({c: msg})
+        except PARTY_ERRORS:
+            pass
