@@ -107,6 +107,24 @@ def evaluate(
         print(f"dev accuracy {result.accuracy:.4f}, dev loss {result.loss:.4f} ({result.examples} examples)")
 
 
+secagg_app = typer.Typer(help="Secure aggregation tools.", no_args_is_help=True)
+app.add_typer(secagg_app, name="secagg")
+
+
+@secagg_app.command("identities")
+def secagg_identities(
+    clients: Annotated[int, typer.Option("--clients", min=2, help="how many clients the job has")],
+    out: Annotated[Path, typer.Option("--out", help="an empty folder for the key files")],
+) -> None:
+    """Make an Ed25519 identity per client for hardened SecAgg+ (client-<i>.key stays with client i)."""
+    from .secagg.identity import generate
+
+    generate(out, clients)
+    console.print(f"wrote {clients} identities to {out}. Give each client its client-<i>.key only; every party gets "
+                  "all client-<i>.pub files. In the job file:", markup=False, highlight=False)
+    print(f'[secagg]\nmode = "secaggplus"\nhardened = true\nidentities = "{out}"')
+
+
 def _summary(records: Sequence[Mapping]) -> Table:
     table = Table(title="rounds")
     for name in ("round", "clients", "train loss", "dev loss", "dev acc", "MB down", "MB up", "seconds"):

@@ -135,6 +135,16 @@ class SecAggPlusConfig(Section):
     neighbours: int | None = Field(None, ge=1, description="k; default: complete for small jobs, else ~3·log2 n")
     threshold: int | None = Field(None, ge=2, description="t of the k+1 holders; default (k+1)//2 + 1")
     clip: float = Field(65536.0, gt=0, le=2.0**30, description="bound on each entry of n_k·Δ and on n_k")
+    hardened: bool = Field(False, description="signed key adverts and a consistency check against a lying server")
+    identities: FilePath | None = Field(None, description="folder of client-<i>.pub (and .key) Ed25519 identities")
+
+    @model_validator(mode="after")
+    def _identities_for_hardened(self) -> SecAggPlusConfig:
+        if self.hardened and self.identities is None:
+            raise ValueError("hardened mode needs identities, a folder made by `securefed secagg identities`")
+        if self.identities is not None and not self.hardened:
+            raise ValueError("identities are used in hardened mode only: set hardened = true")
+        return self
 
 
 class PlainSumConfig(Section):
@@ -183,9 +193,11 @@ class JobConfig(Section):
             if k < fed.clients - 1 and k % 2:
                 raise ValueError(f"secagg.neighbours: {k} must be even (a ring graph), or {fed.clients - 1} for "
                                  "the complete graph")
-            if not (k + 1) / 2 < t <= k + 1:
-                raise ValueError(f"secagg.threshold: {t} must be more than half of, and at most, the {k + 1} share "
-                                 f"holders (the {k} neighbours and the client): between {(k + 1) // 2 + 1} and {k + 1}")
+            low = default_threshold(k, self.secagg.hardened)
+            if not low <= t <= k + 1:
+                need = "more than 2k/3" if self.secagg.hardened else "a majority of the k+1 share holders"
+                raise ValueError(f"secagg.threshold: {t} must be {need} and at most k+1 (k = {k}): "
+                                 f"between {low} and {k + 1}")
         return self
 
     @property
@@ -194,7 +206,7 @@ class JobConfig(Section):
 
     @property
     def secagg_threshold(self) -> int:
-        return self.secagg.threshold or default_threshold(self.secagg_degree)
+        return self.secagg.threshold or default_threshold(self.secagg_degree, self.secagg.hardened)
 
     def to_toml(self) -> str:
         """The resolved job: every default filled in, every path absolute."""
@@ -212,9 +224,11 @@ def default_degree(clients: int) -> int:
     return min(clients - 1, 2 * math.ceil(3 * math.log2(max(clients, 2))))
 
 
-def default_threshold(degree: int) -> int:
-    """SecAgg+'s t: a strict majority of the k+1 share holders, so no two disjoint sets of holders both reach t."""
-    return (degree + 1) // 2 + 1
+def default_threshold(degree: int, hardened: bool = False) -> int:
+    """SecAgg+'s t, also its least allowed value: a strict majority of the k+1 share holders, so no two disjoint
+    sets of holders both reach t; in hardened mode more than 2k/3 (Bell et al.), against a lying server."""
+    majority = (degree + 1) // 2 + 1
+    return max(majority, 2 * degree // 3 + 1) if hardened else majority
 
 
 def load_job(path: str | Path) -> JobConfig:
@@ -249,10 +263,13 @@ def _resolve_paths(job: JobConfig, base_dir: Path, source: str) -> JobConfig:
     data = job.data.model_copy(update={"train": absolute(job.data.train, "data.train"),
                                        "dev": absolute(job.data.dev, "data.dev")})
     output = job.output.model_copy(update={"dir": absolute(job.output.dir, "output.dir")})
+    secagg = job.secagg
+    if getattr(secagg, "identities", None) is not None:
+        secagg = secagg.model_copy(update={"identities": absolute(secagg.identities, "secagg.identities")})
     model = job.model
     if _is_path(model.name):
         model = model.model_copy(update={"name": str(absolute(Path(model.name), "model.name"))})
-    return job.model_copy(update={"data": data, "output": output, "model": model})
+    return job.model_copy(update={"data": data, "output": output, "model": model, "secagg": secagg})
 
 
 def _is_path(name: str) -> bool:

@@ -6,10 +6,12 @@ a line here; client.py and server.py stay as they are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .client import Client, LocalTraining
 from .config import JobConfig, SecAggPlusConfig
@@ -20,6 +22,7 @@ from .models import Evaluation, ModelBundle, build_model, evaluate
 from .models.saved import load_adapter, save_adapter
 from .rundir import RunDir
 from .secagg.plaintext import PlainSumClient, PlainSumServer
+from .secagg import identity
 from .secagg.secaggplus import SecAggPlusClient, SecAggPlusServer, SecAggPlusSettings
 from .seeding import stream_seed
 from .server import Schedule, Server
@@ -35,6 +38,8 @@ class Task:
     train: EncodedDataset
     dev: EncodedDataset
     collator: PadCollator
+    secagg: SecAggPlusSettings | None = None
+    identity_keys: dict[int, Ed25519PrivateKey] = field(default_factory=dict)  # hardened mode, every client's
 
     def evaluate(self, weights: np.ndarray) -> Evaluation:
         self.bundle.view.set(weights)
@@ -51,26 +56,31 @@ def load_task(config: JobConfig) -> Task:
                           "per example (its position limit, less any virtual tokens)")
     train = encode(splits.train.texts, bundle.tokenizer, max_length, splits.train.labels)
     dev = encode(splits.dev.texts, bundle.tokenizer, max_length, splits.dev.labels)
-    return Task(config, splits, bundle, train, dev, PadCollator(bundle.tokenizer.pad_token_id))
+    task = Task(config, splits, bundle, train, dev, PadCollator(bundle.tokenizer.pad_token_id))
+    if isinstance(config.secagg, SecAggPlusConfig):
+        task.secagg = secaggplus_settings(config)
+        if task.secagg.hardened:
+            task.identity_keys = {c: identity.load_private(config.secagg.identities, c, public)
+                                  for c, public in enumerate(task.secagg.identities)}
+    return task
 
 
 def secaggplus_settings(config: JobConfig) -> SecAggPlusSettings:
-    return SecAggPlusSettings(job=bytes.fromhex(config.fingerprint()), clients=config.federation.clients,
-                              rounds=config.federation.rounds,
-                              degree=config.secagg_degree, threshold=config.secagg_threshold,
-                              clip=config.secagg.clip, seed=config.federation.seed)
+    """The SecAgg+ parameters every party derives from the job; the job id binds the identities too."""
+    secagg, clients = config.secagg, config.federation.clients
+    identities = identity.load_publics(secagg.identities, clients) if secagg.hardened else ()
+    job = hashlib.sha256(bytes.fromhex(config.fingerprint()) + b"".join(identities)).digest()
+    return SecAggPlusSettings(job=job, clients=clients, rounds=config.federation.rounds,
+                              degree=config.secagg_degree, threshold=config.secagg_threshold, clip=secagg.clip,
+                              seed=config.federation.seed, identities=identities)
 
 
-def secure_sum_server(config: JobConfig) -> SumServer:
-    if isinstance(config.secagg, SecAggPlusConfig):
-        return SecAggPlusServer(secaggplus_settings(config))
-    return PlainSumServer()
+def secure_sum_server(task: Task) -> SumServer:
+    return SecAggPlusServer(task.secagg) if task.secagg else PlainSumServer()
 
 
-def secure_sum_client(config: JobConfig, cid: int) -> SumClient:
-    if isinstance(config.secagg, SecAggPlusConfig):
-        return SecAggPlusClient(cid, secaggplus_settings(config))
-    return PlainSumClient()
+def secure_sum_client(task: Task, cid: int) -> SumClient:
+    return SecAggPlusClient(cid, task.secagg, task.identity_keys.get(cid)) if task.secagg else PlainSumClient()
 
 
 def client_datasets(task: Task) -> list[EncodedDataset]:
@@ -85,13 +95,13 @@ def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer |
                              learning_rate_decay=fed.learning_rate_decay, weight_decay=fed.weight_decay,
                              seed=fed.seed, group_by_length=fed.group_by_length)
     return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training,
-                  secure_sum_client(task.config, cid), observer=observer)
+                  secure_sum_client(task, cid), observer=observer)
 
 
 def make_server(task: Task, grid: Grid, run: RunDir, observer: Observer | None = None) -> Server:
     fed = task.config.federation
     schedule = Schedule(rounds=fed.rounds, clients=fed.clients, cohort_size=fed.cohort_size, seed=fed.seed)
-    return Server(schedule, task.bundle.view.spec.digest, secure_sum_server(task.config), grid, run,
+    return Server(schedule, task.bundle.view.spec.digest, secure_sum_server(task), grid, run,
                   task.evaluate, observer)
 
 

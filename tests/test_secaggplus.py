@@ -24,6 +24,8 @@ from securefed.secagg.secaggplus import (
     SetupStart,
     ShareDelivery,
     ShareRequest,
+    SurvivorsRequest,
+    SurvivorsSigned,
     UnmaskReply,
     UnmaskRequest,
 )
@@ -41,9 +43,9 @@ def make_settings(n: int, degree: int | None = None, threshold: int | None = Non
 class Federation:
     """Server and clients talking only through the codec; `drop` picks who vanishes at each stage."""
 
-    def __init__(self, settings: SecAggPlusSettings, rounds: range = range(1, 4)):
+    def __init__(self, settings: SecAggPlusSettings, rounds: range = range(1, 4), keys=None):
         self.settings = settings
-        self.clients = {c: SecAggPlusClient(c, settings) for c in range(settings.clients)}
+        self.clients = {c: SecAggPlusClient(c, settings, keys[c] if keys else None) for c in range(settings.clients)}
         self.server = SecAggPlusServer(settings)
         self.rounds = rounds
 
@@ -68,12 +70,15 @@ class Federation:
             requests = self.server.setup_step(self.exchange(requests, set(drops[stage])))
             stage += 1
 
-    def round(self, number: int, vectors: dict[int, np.ndarray], drop_upload=(), drop_unmask=()):
+    def round(self, number: int, vectors: dict[int, np.ndarray], drop_upload=(), drop_unmask=(), drop_sign=()):
         self.server.open(number, sorted(self.clients), SIZE)
         uploads = {c: decode(encode(self.clients[c].upload(number, v))) for c, v in vectors.items()
                    if c not in drop_upload}
-        requests = self.server.step(uploads)
-        return self.server.step(self.exchange(requests, set(drop_unmask)))
+        step = self.server.step(uploads)
+        while isinstance(step, dict):
+            signing = any(isinstance(m, SurvivorsRequest) for m in step.values())
+            step = self.server.step(self.exchange(step, set(drop_sign if signing else drop_unmask)))
+        return step
 
 
 def vectors(n: int, seed: int = 0) -> dict[int, np.ndarray]:
@@ -189,6 +194,10 @@ def test_survivors_in_unconnected_groups_abort_before_anything_is_revealed():
 # ---------------------------------------------------------------- a curious or malicious server
 
 
+def unmask(survivors, dropped, round=1, everyone=(), signatures=()) -> UnmaskRequest:
+    return UnmaskRequest(round=round, survivors=survivors, dropped=dropped, everyone=everyone, signatures=signatures)
+
+
 def test_clients_refuse_a_threshold_that_is_not_a_majority_of_the_holders():
     fed = Federation(make_settings(4, threshold=2))  # k=3: two disjoint pairs of holders could each reach t
     with pytest.raises(SetupFailed, match="only 0 of 4 clients shared their secrets"):
@@ -220,7 +229,7 @@ def ready():
 
 def test_a_client_refuses_to_reveal_both_shares_of_one_client(ready):
     with pytest.raises(ProtocolError, match="both a survivor and dropped"):
-        ready.clients[0].reply(UnmaskRequest(round=1, survivors=(1, 2, 3), dropped=(3,)))
+        ready.clients[0].reply(unmask(survivors=(1, 2, 3), dropped=(3,)))
 
 
 @pytest.mark.parametrize(("survivors", "dropped", "reason"), [
@@ -231,13 +240,13 @@ def test_a_client_refuses_to_reveal_both_shares_of_one_client(ready):
 ])
 def test_a_client_refuses_malformed_unmask_requests(ready, survivors, dropped, reason):
     with pytest.raises(ProtocolError, match=reason):
-        ready.clients[0].reply(UnmaskRequest(round=1, survivors=survivors, dropped=dropped))
+        ready.clients[0].reply(unmask(survivors=survivors, dropped=dropped))
 
 
 def test_a_client_answers_one_unmask_request_per_round(ready):
-    ready.clients[0].reply(UnmaskRequest(round=1, survivors=(1, 2, 3, 4, 5), dropped=()))
+    ready.clients[0].reply(unmask(survivors=(1, 2, 3, 4, 5), dropped=()))
     with pytest.raises(ProtocolError, match="already unmasked"):  # asking again, now calling 5 dropped
-        ready.clients[0].reply(UnmaskRequest(round=1, survivors=(1, 2, 3, 4), dropped=(5,)))
+        ready.clients[0].reply(unmask(survivors=(1, 2, 3, 4), dropped=(5,)))
 
 
 def test_a_client_never_masks_twice_with_the_same_round_keys(ready):
@@ -301,29 +310,29 @@ def test_the_server_keeps_only_the_running_sum(ready):
 # ---------------------------------------------------------------- fuzzing every decoder and party
 
 def _valid_wires() -> list[bytes]:
-    fed = Federation(make_settings(4))
+    """Every message of a plain and of a hardened setup and round, as sent."""
     wires = []
-    requests = fed.server.setup(list(fed.clients), fed.rounds)
-    while requests:
-        wires += [encode(m) for m in requests.values()]
-        replies = fed.exchange(requests)
-        wires += [encode(m) for m in replies.values()]
-        requests = fed.server.setup_step(replies)
-    fed.server.open(1, range(4), 8)
-    uploads = {c: fed.clients[c].upload(1, np.ones(8, dtype=np.float32)) for c in range(4)}
-    wires += [encode(m) for m in uploads.values()]
-    requests = fed.server.step(uploads)
-    wires += [encode(m) for m in requests.values()] + [encode(m) for m in fed.exchange(requests).values()]
+    for fed in (Federation(make_settings(4)), hardened(4)[0]):
+        requests = fed.server.setup(list(fed.clients), fed.rounds)
+        while requests:
+            replies = fed.exchange(requests)
+            wires += [encode(m) for m in (*requests.values(), *replies.values())]
+            requests = fed.server.setup_step(replies)
+        fed.server.open(1, range(4), 8)
+        step = {c: fed.clients[c].upload(1, np.ones(8, dtype=np.float32)) for c in range(4)}
+        wires += [encode(m) for m in step.values()]
+        while isinstance(step := fed.server.step(step), dict):
+            step = fed.exchange(wires_of := step)
+            wires += [encode(m) for m in (*wires_of.values(), *step.values())]
     return wires
 
 
-VALID = _valid_wires()
 PARTY_ERRORS = (ProtocolError, RoundAborted, SetupFailed)
 
 
 @st.composite
 def mutated(draw) -> bytes:
-    wire = bytearray(draw(st.sampled_from(VALID)))
+    wire = bytearray(draw(st.sampled_from(_VALID)))
     for _ in range(draw(st.integers(1, 4))):
         at = draw(st.integers(0, len(wire) - 1))
         wire[at] = draw(st.integers(0, 255))
@@ -333,8 +342,12 @@ def mutated(draw) -> bytes:
 class Injecting(Federation):
     """At exchange number `at`, client 2 is handed `msg` as its request and client 1's reply is replaced by it."""
 
-    def __init__(self, msg: Message, at: int):
-        super().__init__(make_settings(4))
+    def __init__(self, msg: Message, at: int, hardened_mode: bool):
+        if hardened_mode:
+            fed, keys = hardened(4)
+            super().__init__(fed.settings, keys=keys)
+        else:
+            super().__init__(make_settings(4))
         self.msg, self.at, self.count = msg, at, 0
 
     def exchange(self, requests, drop=frozenset(), tamper=None):
@@ -347,7 +360,7 @@ class Injecting(Federation):
         return replies
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(wire=st.one_of(mutated(), st.binary(max_size=200)))
 def test_no_input_crashes_a_decoder_or_a_party(wire):
     try:
@@ -355,8 +368,9 @@ def test_no_input_crashes_a_decoder_or_a_party(wire):
     except ProtocolError:
         return
     assert encode(decode(encode(msg))) == encode(msg)
-    for at in range(4):  # the three setup exchanges, then the unmask exchange
-        fed = Injecting(msg, at)
+    for hardened_mode, at in [(False, 0), (False, 1), (False, 2), (False, 3), (True, 1), (True, 3), (True, 4)]:
+        # setup exchanges 0-2, then the unmasking (plain) or the consistency check and the unmasking (hardened)
+        fed = Injecting(msg, at, hardened_mode)
         try:
             fed.setup()
             fed.round(1, {c: np.zeros(SIZE, dtype=np.float32) for c in range(4)})
@@ -367,3 +381,73 @@ def test_no_input_crashes_a_decoder_or_a_party(wire):
             fed.server.step({c: msg})
         except PARTY_ERRORS:
             pass
+
+
+# ---------------------------------------------------------------- hardened mode
+
+
+def hardened(n: int, threshold: int | None = None) -> tuple[Federation, dict]:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    keys = {c: Ed25519PrivateKey.generate() for c in range(n)}
+    publics = tuple(keys[c].public_key().public_bytes_raw() for c in range(n))
+    settings = dataclasses.replace(make_settings(n, threshold=threshold or (2 * (n - 1)) // 3 + 1),
+                                   identities=publics)
+    return Federation(settings, keys=keys), keys
+
+
+@pytest.mark.parametrize(("drop_upload", "drop_sign", "drop_unmask"), [((), (), ()), ({2}, (), ()), ((), {4}, ()),
+                                                                      ((), (), {5}), ({1}, {3}, ())])
+def test_hardened_sums_stay_exact_with_dropouts_at_every_stage(drop_upload, drop_sign, drop_unmask):
+    fed, _ = hardened(9)
+    fed.setup()
+    xs = vectors(9)
+    result = fed.round(1, xs, drop_upload=drop_upload, drop_sign=drop_sign, drop_unmask=drop_unmask)
+    summed = sorted(set(range(9)) - set(drop_upload))
+    assert result.contributors == tuple(summed)
+    np.testing.assert_array_equal(result.total, encoded_sum(fed.settings, 1, xs, summed))
+
+
+def test_hardened_adverts_must_carry_the_listed_identitys_signature():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    fed, _ = hardened(5)
+    adverts = fed.exchange(fed.server.setup(list(fed.clients), fed.rounds))
+    forged = dataclasses.replace(adverts[2], signature=Ed25519PrivateKey.generate().sign(b"x"))
+    assert 2 not in fed.server.setup_step({**adverts, 2: forged})  # the server leaves it out
+    with pytest.raises(ProtocolError, match="not signed by its identity"):  # and a client refuses it
+        fed.clients[0].reply(ShareRequest(neighbours=(1, 2), adverts=(adverts[1], forged)))
+
+
+def test_hardened_clients_refuse_a_survivor_list_they_did_not_sign():
+    fed, keys = hardened(7)
+    fed.setup()
+    fed.server.open(1, range(7), SIZE)
+    uploads = {c: fed.clients[c].upload(1, vectors(7)[c]) for c in range(7)}
+    signing = fed.server.step(uploads)
+    signed = fed.exchange(signing)
+    requests = fed.server.step(signed)
+    request = requests[0]
+    # The server tells client 0 that client 6 dropped out, while the others signed that it survived.
+    lying = dataclasses.replace(request, everyone=(0, 1, 2, 3, 4, 5), survivors=(1, 2, 3, 4, 5), dropped=(6,),
+                                signatures=request.signatures[:5])
+    with pytest.raises(ProtocolError, match="not the one this client signed"):
+        fed.clients[0].reply(lying)
+    too_few = dataclasses.replace(request, signatures=(b"",) * len(request.survivors))
+    with pytest.raises(ProtocolError, match="neighbours signed the survivor list"):
+        fed.clients[0].reply(too_few)
+    fed.clients[0].reply(request)  # the honest request is answered
+    with pytest.raises(ProtocolError, match="cannot sign now"):  # and nobody signs twice for one round
+        fed.clients[1].reply(SurvivorsRequest(round=1, survivors=(1, 2, 3, 4, 5)))
+    del keys
+
+
+def test_a_plain_client_signs_nothing():
+    fed = Federation(make_settings(4))
+    fed.setup()
+    fed.clients[0].upload(1, np.zeros(SIZE, dtype=np.float32))
+    with pytest.raises(ProtocolError, match="hardened mode only"):
+        fed.clients[0].reply(SurvivorsRequest(round=1, survivors=(0, 1, 2, 3)))
+
+
+_VALID = _valid_wires()

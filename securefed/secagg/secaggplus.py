@@ -20,6 +20,7 @@ client's mask key) tells it nothing about any other round.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import struct
@@ -28,13 +29,14 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ..errors import ProtocolError, RoundAborted, SetupFailed
 from ..interfaces import SumClient, SumResult, SumServer
 from ..protocol import Array, MaxLen, Message, message
 from ..seeding import stream
-from . import shamir
+from . import identity, shamir
 from .channel import channel_key, public_bytes, seal, shared_secret, unseal
 from .encoding import FixedPoint
 from .graph import neighbour_graph
@@ -49,6 +51,8 @@ KeyTable = Annotated[np.ndarray, Array(("uint8",), ndim=2)]  # one 32-byte row p
 Ids = Annotated[tuple[int, ...], MaxLen(MAX_CLIENTS)]
 Ciphertexts = Annotated[tuple[bytes, ...], MaxLen(MAX_CLIENTS, item=MAX_ROUNDS * _SHARES_PER_ROUND + 64)]
 Shares = Annotated[tuple[bytes, ...], MaxLen(MAX_CLIENTS, item=shamir.SHARE_BYTES)]
+Signature = Annotated[bytes, MaxLen(64)]
+Signatures = Annotated[tuple[bytes, ...], MaxLen(MAX_CLIENTS, item=64)]
 
 
 @message(32)
@@ -64,6 +68,7 @@ class KeyAdvert(Message):
     channel_key: Key32
     mask_keys: KeyTable  # X25519 public key of each round
     seed_commitments: KeyTable  # SHA-256 of each round's self-mask seed
+    signature: Signature  # Ed25519 over all of the above, in hardened mode; else empty
 
 
 @message(34)
@@ -100,6 +105,22 @@ class UnmaskRequest(Message):
     round: int
     survivors: Ids  # neighbours whose upload is in the sum: reveal their self-seed shares
     dropped: Ids  # neighbours whose upload is not: reveal their mask-key shares
+    everyone: Ids  # hardened mode: the round's whole survivor list, as signed; else empty
+    signatures: Signatures  # hardened mode: each survivor neighbour's signature of `everyone` (empty if none came)
+
+
+@message(41)
+class SurvivorsRequest(Message):
+    """Hardened mode's consistency check: sign the list of clients whose uploads are in the sum."""
+
+    round: int
+    survivors: Ids
+
+
+@message(42)
+class SurvivorsSigned(Message):
+    round: int
+    signature: Signature
 
 
 @message(40)
@@ -119,6 +140,11 @@ class SecAggPlusSettings:
     threshold: int  # t: shares needed to recover a secret
     clip: float  # bound on each entry of the summed vectors
     seed: int  # the job seed: graph choice and stochastic rounding
+    identities: tuple[bytes, ...] = ()  # hardened mode: every client's Ed25519 public key, by client id
+
+    @property
+    def hardened(self) -> bool:
+        return bool(self.identities)
 
     @property
     def encoding(self) -> FixedPoint:
@@ -127,6 +153,19 @@ class SecAggPlusSettings:
 
 def seed_commitment(settings: SecAggPlusSettings, client: int, round: int, seed: bytes) -> bytes:
     return hashlib.sha256(b"securefed/self-seed" + settings.job + struct.pack("<qq", client, round) + seed).digest()
+
+
+def advert_content(settings: SecAggPlusSettings, advert: KeyAdvert) -> bytes:
+    return (b"securefed/advert" + settings.job + struct.pack("<qq", advert.client, advert.first_round)
+            + advert.channel_key + advert.mask_keys.tobytes() + advert.seed_commitments.tobytes())
+
+
+def survivors_content(settings: SecAggPlusSettings, round: int, survivors: Sequence[int]) -> bytes:
+    return b"securefed/survivors" + settings.job + struct.pack(f"<q{len(survivors)}q", round, *survivors)
+
+
+def signed_by(settings: SecAggPlusSettings, client: int, signature: bytes, content: bytes) -> bool:
+    return 0 <= client < len(settings.identities) and identity.verify(settings.identities[client], signature, content)
 
 
 def self_mask(settings: SecAggPlusSettings, seed: bytes, round: int, client: int, size: int) -> np.ndarray:
@@ -153,13 +192,17 @@ class _Setup:
     held: dict[int, bytes] = field(default_factory=dict)  # neighbour → its shares for every round
     ready: bool = False
     uploaded: set[int] = field(default_factory=set)
+    signed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # round → the survivor list signed
     answered: set[int] = field(default_factory=set)
 
 
 class SecAggPlusClient(SumClient):
-    def __init__(self, cid: int, settings: SecAggPlusSettings):
+    def __init__(self, cid: int, settings: SecAggPlusSettings, identity_key: Ed25519PrivateKey | None = None):
+        if settings.hardened and identity_key is None:
+            raise ValueError("hardened SecAgg+ needs the client's identity key")
         self.cid = cid
         self.settings = settings
+        self.identity_key = identity_key
         self._setup: _Setup | None = None
 
     def reply(self, request: Message) -> Message:
@@ -169,6 +212,8 @@ class SecAggPlusClient(SumClient):
             return self._share(request)
         if isinstance(request, ShareDelivery):
             return self._receive(request)
+        if isinstance(request, SurvivorsRequest):
+            return self._sign_survivors(request)
         if isinstance(request, UnmaskRequest):
             return self._unmask(request)
         return super().reply(request)
@@ -180,10 +225,14 @@ class SecAggPlusClient(SumClient):
         setup = _Setup(rounds, X25519PrivateKey.generate(), {r: X25519PrivateKey.generate() for r in rounds},
                        {r: os.urandom(32) for r in rounds})
         self._setup = setup  # a new setup replaces any earlier one, with fresh secrets
-        return KeyAdvert(
+        advert = KeyAdvert(
             client=self.cid, first_round=rounds.start, channel_key=public_bytes(setup.channel),
             mask_keys=_table(public_bytes(setup.mask_keys[r]) for r in rounds),
-            seed_commitments=_table(seed_commitment(self.settings, self.cid, r, setup.seeds[r]) for r in rounds))
+            seed_commitments=_table(seed_commitment(self.settings, self.cid, r, setup.seeds[r]) for r in rounds),
+            signature=b"")
+        if self.identity_key is not None:
+            advert = dataclasses.replace(advert, signature=self.identity_key.sign(advert_content(self.settings, advert)))
+        return advert
 
     def _share(self, request: ShareRequest) -> EncryptedShares:
         setup = self._stage("a share request", lambda s: not s.adverts)
@@ -199,7 +248,7 @@ class SecAggPlusClient(SumClient):
         if tuple(a.client for a in request.adverts) != neighbours:
             raise ProtocolError("the key advertisements do not match the neighbours")
         for advert in request.adverts:
-            _check_advert(advert, advert.client, setup.rounds)
+            _check_advert(advert, advert.client, setup.rounds, self.settings)
         adverts = {a.client: a for a in request.adverts}
         holders = (*neighbours, self.cid)
         per_round = [(shamir.split(setup.mask_keys[r].private_bytes_raw(), t, holders),
@@ -256,6 +305,40 @@ class SecAggPlusClient(SumClient):
                 masked -= mask
         return MaskedUpload(round=round, vector=masked)
 
+    def _sign_survivors(self, request: SurvivorsRequest) -> SurvivorsSigned:
+        setup = self._stage("a survivor list", lambda s: s.ready)
+        round, survivors = request.round, request.survivors
+        if not self.settings.hardened or self.identity_key is None:
+            raise ProtocolError("survivor lists are signed in hardened mode only")
+        if round not in setup.uploaded or round in setup.signed:
+            raise ProtocolError(f"refused: a survivor list for round {round}, which this client cannot sign now")
+        self._check_ids(survivors, range(self.settings.clients), "survivors", itself=True)
+        if self.cid not in survivors or len(survivors) < self.settings.threshold:
+            raise ProtocolError(f"refused: the survivor list for round {round} leaves out this client or is "
+                                f"shorter than the threshold {self.settings.threshold}")
+        setup.signed[round] = survivors
+        return SurvivorsSigned(round=round,
+                               signature=self.identity_key.sign(survivors_content(self.settings, round, survivors)))
+
+    def _check_consistency(self, setup: _Setup, request: UnmaskRequest) -> None:
+        """Hardened mode: the lists must follow from the survivor list this client signed, and at least t−1
+        neighbours named survivors must have signed that same list."""
+        everyone = setup.signed.get(request.round)
+        if everyone is None or request.everyone != everyone:
+            raise ProtocolError(f"refused: the survivor list for round {request.round} is not the one this client "
+                                "signed")
+        neighbours = sorted(setup.adverts)
+        if (request.survivors != tuple(v for v in neighbours if v in everyone)
+                or request.dropped != tuple(v for v in neighbours if v not in everyone)):
+            raise ProtocolError("refused: the survivors and dropped named do not follow from the signed list")
+        if len(request.signatures) != len(request.survivors):
+            raise ProtocolError("refused: the signatures do not match the survivors")
+        content = survivors_content(self.settings, request.round, everyone)
+        valid = sum(signed_by(self.settings, v, sig, content) for v, sig in zip(request.survivors, request.signatures))
+        if valid + 1 < self.settings.threshold:
+            raise ProtocolError(f"refused: only {valid} neighbours signed the survivor list of round {request.round}; "
+                                f"{self.settings.threshold - 1} are needed")
+
     def _unmask(self, request: UnmaskRequest) -> UnmaskReply:
         setup = self._stage("an unmask request", lambda s: s.ready)
         round = request.round
@@ -268,6 +351,8 @@ class SecAggPlusClient(SumClient):
         self._check_ids(dropped, setup.adverts, "dropped")
         if set(survivors) & set(dropped):
             raise ProtocolError("refused: the request names a client both a survivor and dropped")
+        if self.settings.hardened:
+            self._check_consistency(setup, request)
         if len(survivors) + 1 < self.settings.threshold:
             raise ProtocolError(f"refused: {len(survivors) + 1} survivors in this neighbourhood, "
                                 f"fewer than the threshold {self.settings.threshold}")
@@ -287,10 +372,10 @@ class SecAggPlusClient(SumClient):
             raise ProtocolError(f"{what} arrived out of order in the secure-aggregation setup")
         return self._setup
 
-    def _check_ids(self, ids: Sequence[int], allowed, what: str) -> None:
+    def _check_ids(self, ids: Sequence[int], allowed, what: str, itself: bool = False) -> None:
         if len(set(ids)) != len(ids) or list(ids) != sorted(ids):
             raise ProtocolError(f"{what} must be distinct and sorted")
-        outside = [i for i in ids if i not in allowed or i == self.cid]
+        outside = [i for i in ids if i not in allowed or (i == self.cid and not itself)]
         if outside:
             raise ProtocolError(f"refused: {what} names client {outside[0]}, outside this client's neighbourhood")
 
@@ -299,12 +384,14 @@ def _table(rows) -> np.ndarray:
     return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, 32).copy()
 
 
-def _check_advert(advert: KeyAdvert, client: int, rounds: range) -> None:
+def _check_advert(advert: KeyAdvert, client: int, rounds: range, settings: SecAggPlusSettings) -> None:
     shape = (len(rounds), 32)
     if advert.client != client or advert.first_round != rounds.start:
         raise ProtocolError(f"key advertisement of client {advert.client} is for another client or rounds")
     if len(advert.channel_key) != 32 or advert.mask_keys.shape != shape or advert.seed_commitments.shape != shape:
         raise ProtocolError(f"key advertisement of client {advert.client} has the wrong key sizes")
+    if settings.hardened and not signed_by(settings, client, advert.signature, advert_content(settings, advert)):
+        raise ProtocolError(f"key advertisement of client {client} is not signed by its identity")
     probe = X25519PrivateKey.generate()  # a low-order or malformed key fails here, not mid-round
     for key in (advert.channel_key, *map(bytes, advert.mask_keys)):
         shared_secret(probe, key)
@@ -333,6 +420,7 @@ class _Round:
     number: int
     cohort: frozenset[int]
     size: int
+    stage: str = "upload"  # then "consistency" (hardened mode), then "unmask"
     total: np.ndarray | None = None
     survivors: tuple[int, ...] = ()
     dropped: frozenset[int] = frozenset()
@@ -375,7 +463,7 @@ class SecAggPlusServer(SumServer):
         for cid, advert in sorted(replies.items()):
             if cid in self._invited and isinstance(advert, KeyAdvert):
                 try:
-                    _check_advert(advert, cid, self._rounds)
+                    _check_advert(advert, cid, self._rounds, self.settings)
                 except ProtocolError:
                     continue
                 self._adverts[cid] = advert
@@ -424,8 +512,10 @@ class SecAggPlusServer(SumServer):
         state = self._round
         if state is None:
             raise RoundAborted("no round is open")
-        if state.total is None:
+        if state.stage == "upload":
             return self._collect(state, replies)
+        if state.stage == "consistency":
+            return self._request_unmasking(state, replies)
         self._round = None
         return self._unmask(state, replies)
 
@@ -456,10 +546,30 @@ class SecAggPlusServer(SumServer):
                                f"(the smallest of {min(map(len, groups))}), whose separate sums unmasking would expose")
         state.survivors = tuple(survivors)
         state.dropped = frozenset(v for s in survivors for v in self._graph[s] if v not in alive)
-        state.requests = {
-            s: UnmaskRequest(round=state.number, survivors=tuple(v for v in self._graph[s] if v in alive),
-                             dropped=tuple(v for v in self._graph[s] if v in state.dropped))
-            for s in survivors}
+        if self.settings.hardened:
+            state.stage = "consistency"
+            return {s: SurvivorsRequest(round=state.number, survivors=state.survivors) for s in survivors}
+        return self._request_unmasking(state, {})
+
+    def _request_unmasking(self, state: _Round, signed: Mapping[int, Message]) -> dict[int, Message]:
+        """Name survivors and dropped to each survivor; in hardened mode, with its neighbours' signatures."""
+        alive = set(state.survivors)
+        content = survivors_content(self.settings, state.number, state.survivors)
+        signatures = {c: r.signature for c, r in signed.items()
+                      if c in alive and isinstance(r, SurvivorsSigned) and r.round == state.number
+                      and signed_by(self.settings, c, r.signature, content)}
+        hardened = self.settings.hardened
+        state.requests = {}
+        for s in state.survivors:
+            if hardened and s not in signatures:
+                continue  # it did not confirm the list: it will not be asked to reveal anything
+            neighbours = tuple(v for v in self._graph[s] if v in alive)
+            state.requests[s] = UnmaskRequest(
+                round=state.number, survivors=neighbours,
+                dropped=tuple(v for v in self._graph[s] if v in state.dropped),
+                everyone=state.survivors if hardened else (),
+                signatures=tuple(signatures.get(v, b"") for v in neighbours) if hardened else ())
+        state.stage = "unmask"
         return dict(state.requests)
 
     def _unmask(self, state: _Round, replies: Mapping[int, Message]) -> SumResult:
