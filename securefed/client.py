@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,8 +12,8 @@ import torch
 from .data import EncodedDataset, PadCollator
 from .errors import ProtocolError
 from .interfaces import LossTerm, Observer, SumClient
-from .models import FlatView
-from .protocol import Message, TrainIns, TrainRes
+from .models import Evaluation, FlatView
+from .protocol import EvaluateIns, EvaluateRes, Message, TrainIns, TrainRes
 from .seeding import stream, stream_seed
 
 _LENGTH_GROUP = 50  # batches re-cut together when grouping by length
@@ -45,6 +45,7 @@ class Client:
         secure_sum: SumClient,
         loss_terms: Sequence[LossTerm] = (),
         observer: Observer | None = None,
+        evaluate: Callable[[np.ndarray], Evaluation] | None = None,
     ):
         self.cid = cid
         self.model = model
@@ -55,6 +56,7 @@ class Client:
         self.secure_sum = secure_sum
         self.loss_terms = tuple(loss_terms)
         self.observer = observer or Observer()
+        self.evaluate = evaluate
 
     @property
     def examples(self) -> int:
@@ -63,24 +65,37 @@ class Client:
     def handle(self, msg: Message) -> Message:
         if isinstance(msg, TrainIns):
             return self.train(msg)
+        if isinstance(msg, EvaluateIns):
+            return self.evaluate_global(msg)
         return self.secure_sum.reply(msg)
 
+    def open(self, model: Message, spec: bytes, round: int) -> np.ndarray:
+        """The global weights in a server's message, checked against this client's model."""
+        if round < 1:
+            raise ProtocolError(f"the server names round {round}")
+        if spec != self.view.spec.digest:
+            raise ProtocolError("the server's model is for a different spec (model, PEFT method or settings differ)")
+        return self.secure_sum.open_model(model, self.view.size)
+
     def train(self, ins: TrainIns) -> TrainRes:
-        """Train from `ins.weights`; the update n_k·(θ_local − θ_global) and n_k go into the secure sum."""
+        """Train from the global weights; the update n_k·(θ_local − θ_global) and n_k go into the secure sum."""
         started = time.perf_counter()
-        if ins.round < 1:
-            raise ProtocolError(f"TrainIns names round {ins.round}")
-        if ins.spec != self.view.spec.digest:
-            raise ProtocolError("TrainIns is for a different model spec (model, PEFT method or settings differ)")
-        if ins.weights.shape != (self.view.size,):
-            raise ProtocolError(f"TrainIns carries {ins.weights.shape[0]} weights, the model has {self.view.size}")
-        self.view.set(ins.weights)
+        weights = self.open(ins.model, ins.spec, ins.round)
+        self.view.set(weights)
         losses = self._train_locally(ins.round)
         n = float(self.examples)
-        update = (self.view.get() - ins.weights) * np.float32(n)
+        update = (self.view.get() - weights) * np.float32(n)
         vector = np.append(update, np.float32(n)).astype(np.float32)
         metrics = {"loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
         return TrainRes(round=ins.round, metrics=metrics, upload=self.secure_sum.upload(ins.round, vector))
+
+    def evaluate_global(self, ins: EvaluateIns) -> EvaluateRes:
+        """Score the global model on the dev split, for a server that cannot read it."""
+        if self.evaluate is None:
+            raise ProtocolError("this client has no dev split to evaluate on")
+        result = self.evaluate(self.open(ins.model, ins.spec, ins.round))
+        return EvaluateRes(round=ins.round, metrics={"loss": result.loss, "accuracy": result.accuracy,
+                                                     "examples": float(result.examples)})
 
     def _train_locally(self, round: int) -> list[float]:
         cfg = self.training

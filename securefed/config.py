@@ -147,6 +147,12 @@ class SecAggPlusConfig(Section):
         return self
 
 
+class CkksConfig(Section):
+    """TenSEAL CKKS: the server adds ciphertexts and never sees a model in clear; clients evaluate."""
+
+    mode: Literal["ckks"]
+
+
 class PlainSumConfig(Section):
     """No secure aggregation: the server sees every update. Only with insecure = true."""
 
@@ -161,7 +167,7 @@ class PlainSumConfig(Section):
         return self
 
 
-SecAggConfig = Annotated[SecAggPlusConfig | PlainSumConfig, Field(discriminator="mode")]
+SecAggConfig = Annotated[SecAggPlusConfig | CkksConfig | PlainSumConfig, Field(discriminator="mode")]
 
 
 class OutputConfig(Section):
@@ -180,10 +186,10 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _secagg_fits(self) -> JobConfig:
+        fed = self.federation
+        if self.secagg.mode != "none" and fed.clients < 2:
+            raise ValueError("secagg: secure aggregation needs at least 2 clients")
         if isinstance(self.secagg, SecAggPlusConfig):
-            fed = self.federation
-            if fed.clients < 2:
-                raise ValueError("secagg: secure aggregation needs at least 2 clients")
             if fed.cohort_size != fed.clients:
                 raise ValueError("secagg: secaggplus needs every client in every round (clients_per_round = "
                                  "clients); sampled cohorts need a graph per cohort, which is not built yet")
@@ -277,7 +283,7 @@ def _is_path(name: str) -> bool:
     return "/" in name or "\\" in name or name.startswith((".", "~"))
 
 
-_TAGS = {"lora", "ia3", "prompt", "prefix", "iid", "dirichlet", "by_field", "secaggplus", "none"}
+_TAGS = {"lora", "ia3", "prompt", "prefix", "iid", "dirichlet", "by_field", "secaggplus", "ckks", "none"}
 
 
 def _describe(exc: ValidationError) -> str:

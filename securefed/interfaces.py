@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import ProtocolError
-from .protocol import Message
+from .protocol import Message, PlainModel
 
 if TYPE_CHECKING:
     import torch
@@ -32,12 +32,32 @@ class SumResult:
     rejected: Mapping[int, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SealedSum:
+    """A sum the server cannot read: it becomes the next global model, which only clients can open.
+
+    The sealed vectors are [n_k·θ_k, n_k]: the opened model is Σ n_k·θ_k / Σ n_k, FedAvg itself.
+    """
+
+    sealed: Message
+    contributors: tuple[int, ...]
+    rejected: Mapping[int, str] = field(default_factory=dict)
+
+
 class SumClient(ABC):
     """One client's side of a secure-sum protocol: a state machine over typed messages."""
 
+    def open_model(self, model: Message, size: int) -> np.ndarray:
+        """The `size` global weights inside a TrainIns or EvaluateIns."""
+        if not isinstance(model, PlainModel):
+            raise ProtocolError(f"this client cannot open a {type(model).__name__}")
+        if model.weights.shape != (size,):
+            raise ProtocolError(f"the global model has {model.weights.shape[0]} weights, this model has {size}")
+        return model.weights
+
     @abstractmethod
     def upload(self, round: int, vector: np.ndarray) -> Message:
-        """The first message of the round, carrying (a protected form of) `vector`."""
+        """The first message of the round, carrying (a protected form of) `vector` = [n_k·Δ_k, n_k]."""
 
     def reply(self, request: Message) -> Message:
         """Answer a follow-up stage of the protocol."""
@@ -63,7 +83,7 @@ class SumServer(ABC):
         """Start a round for `cohort`, whose vectors have `size` entries."""
 
     @abstractmethod
-    def step(self, replies: Mapping[int, Message]) -> Mapping[int, Message] | SumResult:
+    def step(self, replies: Mapping[int, Message]) -> Mapping[int, Message] | SumResult | SealedSum:
         """Take the replies that arrived; return the next requests, or the result.
 
         Raises RoundAborted when the sum cannot be completed.

@@ -14,15 +14,16 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .client import Client, LocalTraining
-from .config import JobConfig, SecAggPlusConfig
+from .config import CkksConfig, JobConfig, SecAggPlusConfig
 from .data import EncodedDataset, PadCollator, Splits, encode, load_splits, partition
 from .errors import ConfigError
 from .interfaces import Grid, Observer, SumClient, SumServer
 from .models import Evaluation, ModelBundle, build_model, evaluate
 from .models.saved import load_adapter, save_adapter
 from .rundir import RunDir
-from .secagg.plaintext import PlainSumClient, PlainSumServer
 from .secagg import identity
+from .secagg.ckks import CkksClient, CkksServer, CkksSettings
+from .secagg.plaintext import PlainSumClient, PlainSumServer
 from .secagg.secaggplus import SecAggPlusClient, SecAggPlusServer, SecAggPlusSettings
 from .seeding import stream_seed
 from .server import Schedule, Server
@@ -75,12 +76,24 @@ def secaggplus_settings(config: JobConfig) -> SecAggPlusSettings:
                               seed=config.federation.seed, identities=identities)
 
 
+def ckks_settings(config: JobConfig) -> CkksSettings:
+    return CkksSettings(job=bytes.fromhex(config.fingerprint()), clients=config.federation.clients)
+
+
 def secure_sum_server(task: Task) -> SumServer:
-    return SecAggPlusServer(task.secagg) if task.secagg else PlainSumServer()
+    if task.secagg:
+        return SecAggPlusServer(task.secagg)
+    if isinstance(task.config.secagg, CkksConfig):
+        return CkksServer(ckks_settings(task.config))
+    return PlainSumServer()
 
 
 def secure_sum_client(task: Task, cid: int) -> SumClient:
-    return SecAggPlusClient(cid, task.secagg, task.identity_keys.get(cid)) if task.secagg else PlainSumClient()
+    if task.secagg:
+        return SecAggPlusClient(cid, task.secagg, task.identity_keys.get(cid))
+    if isinstance(task.config.secagg, CkksConfig):
+        return CkksClient(cid, ckks_settings(task.config))
+    return PlainSumClient()
 
 
 def client_datasets(task: Task) -> list[EncodedDataset]:
@@ -95,13 +108,13 @@ def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer |
                              learning_rate_decay=fed.learning_rate_decay, weight_decay=fed.weight_decay,
                              seed=fed.seed, group_by_length=fed.group_by_length)
     return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training,
-                  secure_sum_client(task, cid), observer=observer)
+                  secure_sum_client(task, cid), observer=observer, evaluate=task.evaluate)
 
 
 def make_server(task: Task, grid: Grid, run: RunDir, observer: Observer | None = None) -> Server:
     fed = task.config.federation
     schedule = Schedule(rounds=fed.rounds, clients=fed.clients, cohort_size=fed.cohort_size, seed=fed.seed)
-    return Server(schedule, task.bundle.view.spec.digest, secure_sum_server(task), grid, run,
+    return Server(schedule, task.bundle.view.spec.digest, task.bundle.view.size, secure_sum_server(task), grid, run,
                   task.evaluate, observer)
 
 

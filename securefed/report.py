@@ -51,6 +51,10 @@ def _aggregation(job: JobConfig, records: Sequence[dict]) -> str:
     setup = next((r["setup"] for r in records if "setup" in r), None)
     cost = (f" Setup: {setup['bytes_up'] / 1024:.1f} KB up, {setup['bytes_down'] / 1024:.1f} KB down, "
             f"{setup['seconds']:.2f} s." if setup else "")
+    if job.secagg.mode == "ckks":
+        return ("- Aggregation: FedAvg under CKKS (TenSEAL, N=8192): the server added ciphertexts and never saw an "
+                "update or the model in clear; a client evaluated each round. The server together with any one "
+                f"client could decrypt.{cost} No differential privacy yet.")
     return (f"- Aggregation: FedAvg over SecAgg+ ({job.secagg_degree} neighbours per client, threshold "
             f"{job.secagg_threshold}): the server saw only the sum of the updates, never one update.{cost} "
             "No differential privacy yet.")

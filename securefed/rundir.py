@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .config import JobConfig, load_job
-from .errors import ConfigError, RunDirError
+from .errors import ConfigError, ProtocolError, RunDirError
+from .protocol import Message, PlainModel, decode, encode
 
 _CHECKPOINT = re.compile(r"^round-(\d{5,})\.safetensors$")
 
@@ -68,8 +69,8 @@ class RunDir:
 
     # ------------------------------------------------------------ rounds
 
-    def last_checkpoint(self, size: int, spec: bytes) -> tuple[int, np.ndarray] | None:
-        """The last committed round and its weights, or None before the first commit."""
+    def last_checkpoint(self, size: int, spec: bytes) -> tuple[int, Message] | None:
+        """The last committed round and its global model, or None before the first commit."""
         found = sorted(self._checkpoint_rounds(), reverse=True)
         if not found:
             return None
@@ -78,20 +79,30 @@ class RunDir:
             tensors = load_file(path)
         except (SafetensorError, OSError) as exc:
             raise RunDirError(f"{path}: unreadable checkpoint ({exc})") from None
+        if tensors.get("spec") is None or bytes(tensors["spec"]) != spec:
+            raise RunDirError(f"{path}: checkpoint was made for a different model spec")
+        if "sealed" in tensors:
+            try:
+                return found[0], decode(tensors["sealed"].tobytes())
+            except ProtocolError as exc:
+                raise RunDirError(f"{path}: unreadable sealed model ({exc})") from None
         weights = tensors.get("weights")
         if weights is None or weights.shape != (size,) or weights.dtype != np.float32:
             raise RunDirError(f"{path}: checkpoint does not hold {size} float32 weights")
-        if tensors.get("spec") is None or bytes(tensors["spec"]) != spec:
-            raise RunDirError(f"{path}: checkpoint was made for a different model spec")
-        return found[0], weights
+        return found[0], PlainModel(weights=weights)
 
-    def commit(self, round: int, weights: np.ndarray, spec: bytes, record: dict) -> None:
+    def commit(self, round: int, model: Message, spec: bytes, record: dict) -> None:
+        """Append the round's metrics, then write its global model: the checkpoint is the commit point.
+
+        A PlainModel is stored as its weights; a sealed model (which only clients can open) as its encoding."""
         with self.metrics_file.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         tmp = self.checkpoints / f".round-{round:05d}.tmp"
-        save_file({"weights": weights, "spec": np.frombuffer(spec, dtype=np.uint8)}, tmp)
+        content = ({"weights": model.weights} if isinstance(model, PlainModel)
+                   else {"sealed": np.frombuffer(encode(model), dtype=np.uint8)})
+        save_file({**content, "spec": np.frombuffer(spec, dtype=np.uint8)}, tmp)
         _fsync(tmp)
         os.replace(tmp, self._checkpoint_path(round))
         _fsync(self.checkpoints)

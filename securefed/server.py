@@ -5,18 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import RoundAborted
-from .interfaces import Exchange, Grid, Observer, SumResult, SumServer
-from .protocol import TrainIns, TrainRes
+from .interfaces import Exchange, Grid, Observer, SealedSum, SumResult, SumServer
+from .models import Evaluation
+from .protocol import EvaluateIns, EvaluateRes, Message, PlainModel, TrainIns, TrainRes
 from .rundir import RunDir
 from .seeding import stream
-
-if TYPE_CHECKING:
-    from .models import Evaluation
 
 
 @dataclass(frozen=True)
@@ -39,6 +36,7 @@ class Server:
         self,
         schedule: Schedule,
         spec: bytes,
+        size: int,
         secure_sum: SumServer,
         grid: Grid,
         run: RunDir,
@@ -47,23 +45,25 @@ class Server:
     ):
         self.schedule = schedule
         self.spec = spec
+        self.size = size  # of the trainable vector
         self.secure_sum = secure_sum
         self.grid = grid
         self.run_dir = run
         self.evaluate = evaluate
         self.observer = observer or Observer()
 
-    def run(self, weights: np.ndarray, start: int = 1) -> np.ndarray:
-        """Run rounds `start`..`rounds` from `weights`; every finished round is committed to the run directory."""
+    def run(self, model: Message, start: int = 1) -> Message:
+        """Run rounds `start`..`rounds` from the global `model` (a PlainModel, or sealed); every finished round is
+        committed to the run directory. Returns the final global model."""
         rounds = range(start, self.schedule.rounds + 1)
         setup = self.setup(rounds) if rounds else None
         for round in rounds:
-            weights, record = self.round(round, weights)
+            model, record = self.round(round, model)
             if setup is not None:  # the once-per-job setup is charged to the first round it served
                 record["setup"], setup = setup, None
-            self.run_dir.commit(round, weights, self.spec, record)
+            self.run_dir.commit(round, model, self.spec, record)
             self.observer.round_finished(record)
-        return weights
+        return model
 
     def setup(self, rounds: range) -> dict:
         """Run the secure sum's setup for `rounds`; return what it cost."""
@@ -77,24 +77,23 @@ class Server:
         return {"bytes_down": log.bytes_down, "bytes_up": log.bytes_up, "seconds": log.seconds,
                 "dropped": len(log.dropped)}
 
-    def round(self, round: int, weights: np.ndarray) -> tuple[np.ndarray, dict]:
+    def round(self, round: int, model: Message) -> tuple[Message, dict]:
         log = _RoundLog(round, self.schedule.cohort(round))
         self.observer.round_started(round, self.schedule.rounds, log.cohort)
-        results = self._train(log, weights)
+        results = self._train(log, model)
         aborted = None
         try:
-            total = self._sum(log, results, weights.size + 1)
+            result = self._sum(log, results, self.size + 1)
             with log.aggregation:
-                weights = _fedavg(weights, total)
-            log.contributors = len(total.contributors)
+                model = _aggregate(model, result)
+            log.contributors = len(result.contributors)
         except RoundAborted as exc:
             aborted = str(exc)
             self.observer.notice(f"round {round} aborted: {aborted}; the model is unchanged")
+        with log.evaluation:
+            evaluation = self._evaluate(log, model, sorted(results))
         for cid, reason in sorted(log.dropped.items()):
             self.observer.notice(f"round {round}: client {cid} dropped out ({reason})")
-
-        with log.evaluation:
-            evaluation = self.evaluate(weights) if self.evaluate else None
         record = {
             "round": round,
             "cohort": len(log.cohort),
@@ -114,12 +113,12 @@ class Server:
         }
         if aborted:
             record["aborted"] = aborted
-        return weights, record
+        return model, record
 
-    def _train(self, log: _RoundLog, weights: np.ndarray) -> dict[int, TrainRes]:
-        """Broadcast the weights; keep the well-formed replies, count the rest as dropouts."""
+    def _train(self, log: _RoundLog, model: Message) -> dict[int, TrainRes]:
+        """Broadcast the global model; keep the well-formed replies, count the rest as dropouts."""
         exchange = log.add(self.grid.exchange(
-            {cid: TrainIns(round=log.round, spec=self.spec, weights=weights) for cid in log.cohort}))
+            {cid: TrainIns(round=log.round, spec=self.spec, model=model) for cid in log.cohort}))
         log.train_seconds = exchange.client_seconds
         results = {}
         for cid, reply in exchange.replies.items():
@@ -129,12 +128,26 @@ class Server:
                 log.dropped[cid] = f"expected TrainRes for round {log.round}, got {type(reply).__name__}"
         return results
 
-    def _sum(self, log: _RoundLog, results: dict[int, TrainRes], size: int) -> SumResult:
+    def _evaluate(self, log: _RoundLog, model: Message, trained: list[int]) -> Evaluation | None:
+        """Score the model here if it is in clear, else ask a client that trained this round to."""
+        if isinstance(model, PlainModel):
+            return self.evaluate(model.weights) if self.evaluate else None
+        for cid in trained[:1]:
+            exchange = log.add(self.grid.exchange({cid: EvaluateIns(round=log.round, spec=self.spec, model=model)}))
+            reply = exchange.replies.get(cid)
+            if isinstance(reply, EvaluateRes) and reply.round == log.round and {"loss", "accuracy", "examples"} <= set(
+                    reply.metrics):
+                m = reply.metrics
+                return Evaluation(loss=m["loss"], accuracy=m["accuracy"], examples=int(m["examples"]))
+            self.observer.notice(f"round {log.round}: client {cid} could not evaluate the model")
+        return None
+
+    def _sum(self, log: _RoundLog, results: dict[int, TrainRes], size: int) -> SumResult | SealedSum:
         """Run the secure sum to its end: its server step, then any follow-up stages it asks for."""
         with log.aggregation:
             self.secure_sum.open(log.round, log.cohort, size)
             step = self.secure_sum.step({cid: res.upload for cid, res in results.items()})
-        while not isinstance(step, SumResult):
+        while not isinstance(step, (SumResult, SealedSum)):
             follow_up = log.add(self.grid.exchange(step))
             log.aggregation.seconds += follow_up.client_seconds  # the clients' share of the protocol's work
             with log.aggregation:
@@ -143,12 +156,16 @@ class Server:
         return step
 
 
-def _fedavg(weights: np.ndarray, result: SumResult) -> np.ndarray:
-    """The sum holds Σ n_k·Δ_k followed by Σ n_k."""
+def _aggregate(model: Message, result: SumResult | SealedSum) -> Message:
+    """FedAvg. A clear sum holds Σ n_k·Δ_k followed by Σ n_k; a sealed sum is the next model as it is."""
+    if isinstance(result, SealedSum):
+        return result.sealed
+    if not isinstance(model, PlainModel):
+        raise RoundAborted("a clear sum cannot update a sealed model")
     total_examples = result.total[-1]
     if not total_examples > 0:
         raise RoundAborted("the contributors reported no training examples")
-    return (weights + result.total[:-1] / total_examples).astype(np.float32)
+    return PlainModel(weights=(model.weights + result.total[:-1] / total_examples).astype(np.float32))
 
 
 def _mean(values: list[float]) -> float | None:

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+from hypothesis import strategies as st
 
 from securefed.config import dump_toml
 
@@ -65,3 +66,12 @@ def write_job(folder: Path, model: Path, train: Path, dev: Path, **sections: dic
 def read_tsv(path: Path) -> list[list[str]]:
     with path.open(encoding="utf-8") as fh:
         return list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+@st.composite
+def mutated(draw, wires: list[bytes]) -> bytes:
+    """One of `wires` with a few bytes overwritten, and perhaps cut short."""
+    wire = bytearray(draw(st.sampled_from(wires)))
+    for _ in range(draw(st.integers(1, 4))):
+        wire[draw(st.integers(0, len(wire) - 1))] = draw(st.integers(0, 255))
+    return bytes(wire[: draw(st.integers(0, len(wire)))] if draw(st.booleans()) else wire)

@@ -7,8 +7,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from securefed.errors import ProtocolError
-from securefed.protocol import Array, MaxLen, Message, TrainIns, TrainRes, decode, encode, message
+from securefed.protocol import Array, MaxLen, Message, PlainModel, TrainIns, TrainRes, decode, encode, message
 from securefed.secagg.plaintext import PlainUpload
+
+
+@message(13)
+class Ins(Message):
+    """A message shaped like a typical instruction: an int, a short bytes field and a float32 vector."""
+
+    round: int
+    spec: Annotated[bytes, MaxLen(32)]
+    weights: Annotated[np.ndarray, Array(("float32",))]
 
 
 @message(15)
@@ -29,7 +38,7 @@ class Everything(Message):
 def sample(**changes) -> Everything:
     fields = dict(count=-3, ratio=0.25, flag=True, label="héllo", blob=b"\x00\xff", ids=(1, 2, 3),
                   metrics={"loss": 0.5, "seconds": 1.0}, grid=np.arange(6, dtype=np.float32).reshape(2, 3),
-                  inner=TrainIns(round=1, spec=b"s" * 32, weights=np.ones(4, dtype=np.float32)))
+                  inner=Ins(round=1, spec=b"s" * 32, weights=np.ones(4, dtype=np.float32)))
     fields.update(changes)
     return Everything(**fields)
 
@@ -41,12 +50,12 @@ def test_round_trip_keeps_every_value():
     assert encode(back) == encode(msg)
     assert back.label == "héllo" and back.ids == (1, 2, 3) and back.metrics == {"loss": 0.5, "seconds": 1.0}
     assert back.grid.dtype == np.float32 and back.grid.shape == (2, 3)
-    assert isinstance(back.inner, TrainIns) and np.array_equal(back.inner.weights, np.ones(4))
+    assert isinstance(back.inner, Ins) and np.array_equal(back.inner.weights, np.ones(4))
 
 
 def test_payload_overhead_is_small():
     weights = np.zeros(74_498, dtype=np.float32)
-    assert len(encode(TrainIns(round=1, spec=b"s" * 32, weights=weights))) <= weights.nbytes + 100
+    assert len(encode(TrainIns(round=1, spec=b"s" * 32, model=PlainModel(weights=weights)))) <= weights.nbytes + 100
 
 
 def test_expect_restricts_the_message_type():
@@ -55,7 +64,7 @@ def test_expect_restricts_the_message_type():
         decode(wire, TrainIns)
 
 
-def rebuild(fields: list[tuple[str, int, bytes]], tag: int = 1) -> bytes:
+def rebuild(fields: list[tuple[str, int, bytes]], tag: int = 13) -> bytes:
     """Hand-assemble a message from (name, kind, payload) triples."""
     out = b"SFD" + struct.pack("<BHH", 1, tag, len(fields))
     for name, kind, payload in fields:
@@ -95,7 +104,7 @@ def weights(dtype_code=1, ndim=1, dims=(2,), data=b"\x00" * 8):
 )
 def test_strict_decoding(wire, reason):
     if reason is None:
-        assert isinstance(decode(wire), TrainIns)
+        assert isinstance(decode(wire), Ins)
         return
     with pytest.raises(ProtocolError) as info:
         decode(wire)
@@ -103,13 +112,13 @@ def test_strict_decoding(wire, reason):
 
 
 def test_size_limit_is_checked_before_parsing():
-    wire = encode(TrainIns(round=1, spec=b"s" * 32, weights=np.zeros(1000, dtype=np.float32)))
+    wire = encode(Ins(round=1, spec=b"s" * 32, weights=np.zeros(1000, dtype=np.float32)))
     with pytest.raises(ProtocolError, match="exceeds the limit of 1000"):
         decode(wire, max_bytes=1000)
 
 
 def test_size_limit_counts_bytes_of_any_buffer():
-    wire = encode(TrainIns(round=1, spec=b"s" * 32, weights=np.zeros(1000, dtype=np.float32)))
+    wire = encode(Ins(round=1, spec=b"s" * 32, weights=np.zeros(1000, dtype=np.float32)))
     padded = wire + b"\x00" * (-len(wire) % 8)
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         decode(memoryview(np.frombuffer(padded, dtype=np.int64)), max_bytes=len(wire) - 1)
@@ -137,16 +146,16 @@ def test_nesting_is_bounded():
 
 def test_encoding_refuses_values_the_peer_would_refuse():
     with pytest.raises(ProtocolError, match="NaN"):
-        encode(TrainIns(round=1, spec=b"s", weights=np.array([1.0, np.nan], dtype=np.float32)))
-    with pytest.raises(ProtocolError, match="TrainIns.round"):
-        encode(TrainIns(round=2**64, spec=b"s", weights=np.zeros(3, dtype=np.float32)))
+        encode(Ins(round=1, spec=b"s", weights=np.array([1.0, np.nan], dtype=np.float32)))
+    with pytest.raises(ProtocolError, match="Ins.round"):
+        encode(Ins(round=2**64, spec=b"s", weights=np.zeros(3, dtype=np.float32)))
     with pytest.raises(ProtocolError, match="entries exceed"):
         encode(TrainRes(round=1, metrics={f"m{i}": 0.0 for i in range(300)},
                         upload=PlainUpload(round=1, vector=np.zeros(1, np.float32))))
     with pytest.raises(ProtocolError, match="expected float32"):
-        encode(TrainIns(round=1, spec=b"s", weights=np.zeros(3, dtype=np.float64)))
+        encode(Ins(round=1, spec=b"s", weights=np.zeros(3, dtype=np.float64)))
     with pytest.raises(ProtocolError, match="33 bytes exceed 32"):
-        encode(TrainIns(round=1, spec=b"s" * 33, weights=np.zeros(3, dtype=np.float32)))
+        encode(Ins(round=1, spec=b"s" * 33, weights=np.zeros(3, dtype=np.float32)))
 
 
 def decode_cleanly(data: bytes) -> None:
@@ -159,7 +168,7 @@ def decode_cleanly(data: bytes) -> None:
     assert encode(msg) == data
 
 
-VALID = [encode(sample()), encode(TrainIns(round=7, spec=b"k" * 32, weights=np.linspace(0, 1, 9, dtype=np.float32))),
+VALID = [encode(sample()), encode(Ins(round=7, spec=b"k" * 32, weights=np.linspace(0, 1, 9, dtype=np.float32))),
          encode(TrainRes(round=2, metrics={"loss": 1.5}, upload=PlainUpload(round=2, vector=np.ones(3, np.float32))))]
 
 
@@ -198,7 +207,31 @@ finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
     values=st.lists(finite, max_size=50),
 )
 def test_generated_messages_round_trip(round, spec, values):
-    msg = TrainIns(round=round, spec=spec, weights=np.array(values, dtype=np.float32))
+    msg = Ins(round=round, spec=spec, weights=np.array(values, dtype=np.float32))
     back = decode(encode(msg))
     assert back.round == round and back.spec == spec
     assert np.array_equal(back.weights, msg.weights)
+
+
+@message(12)
+class Lists(Message):
+    blobs: Annotated[tuple[bytes, ...], MaxLen(3, item=4)]
+    models: tuple[PlainModel, ...]
+
+
+def test_tuples_of_bytes_and_of_messages_round_trip_within_their_bounds():
+    msg = Lists(blobs=(b"ab", b"", b"wxyz"), models=(PlainModel(weights=np.ones(2, np.float32)),) * 2)
+    back = decode(encode(msg))
+    assert back.blobs == msg.blobs and len(back.models) == 2 and np.array_equal(back.models[1].weights, [1, 1])
+    with pytest.raises(ProtocolError, match="4 entries exceed 3"):
+        encode(Lists(blobs=(b"",) * 4, models=()))
+    with pytest.raises(ProtocolError, match="an entry of 5 bytes exceeds 4"):
+        encode(Lists(blobs=(b"abcde",), models=()))
+    with pytest.raises(ProtocolError, match="not allowed here"):
+        encode(Lists(blobs=(), models=(PlainUpload(round=1, vector=np.zeros(1, np.float32)),)))
+    wire = encode(Lists(blobs=(b"ab",), models=()))
+    with pytest.raises(ProtocolError, match="truncated in field 'blobs'"):
+        decode(wire[: wire.index(b"ab") + 1])
+    many = wire.replace(struct.pack("<I", 1) + struct.pack("<I", 2), struct.pack("<I", 2**31) + struct.pack("<I", 2))
+    with pytest.raises(ProtocolError, match="entries exceed 3"):
+        decode(many)

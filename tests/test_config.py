@@ -126,9 +126,11 @@ def test_secure_aggregation_is_on_by_default_with_a_complete_graph_for_small_job
 
 @pytest.mark.parametrize(("section", "message"), [
     ('[secagg]\nmode = "none"\n', 'secagg: mode = "none" shows every client\'s update to the server: set insecure'),
-    ('[secagg]\nmode = "ckks"\n', "secagg: Input tag 'ckks' found using 'mode' does not match"),
+    ('[secagg]\nmode = "paillier"\n', "secagg: Input tag 'paillier' found using 'mode' does not match"),
+    ('[secagg]\nmode = "ckks"\nscale = 40\n', "secagg.scale: unknown setting"),
+    ('[secagg]\nmode = "secaggplus"\nhardened = true\n', "hardened mode needs identities"),
     ('[secagg]\nmode = "secaggplus"\nneighbours = 3\n', "exceeds the other clients"),
-    ('[secagg]\nmode = "secaggplus"\nthreshold = 4\n', "secagg.threshold: 4 must be more than half of, and at most"),
+    ('[secagg]\nmode = "secaggplus"\nthreshold = 4\n', "secagg.threshold: 4 must be a majority of the k+1 share holders and at most k+1 (k = 2): between 2 and 3"),
     ('[secagg]\nmode = "secaggplus"\nthreshold = 1\n', "secagg.threshold: Input should be greater than or equal to 2"),
     ('[secagg]\nmode = "secaggplus"\nclip = -1.0\n', "secagg.clip: Input should be greater than 0"),
     ('[secagg]\nmode = "secaggplus"\nshares = 2\n', "secagg.shares: unknown setting"),

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from securefed.config import parse_job
-from securefed.protocol import TrainIns, TrainRes
+from securefed.protocol import PlainModel, TrainIns, TrainRes
 from securefed.rundir import RunDir
 from securefed.runtime.local import LocalGrid
 from securefed.secagg.plaintext import PlainSumClient, PlainSumServer
@@ -25,7 +25,7 @@ class ScriptedClient:
     def handle(self, msg: TrainIns) -> TrainRes:
         if msg.round == self.fail_in_round:
             raise RuntimeError("disk full")
-        vector = np.append(self.examples * (self.local - msg.weights), self.examples).astype(np.float32)
+        vector = np.append(self.examples * (self.local - msg.model.weights), self.examples).astype(np.float32)
         return TrainRes(round=msg.round, metrics={"loss": 1.0}, upload=self.secure_sum.upload(msg.round, vector))
 
 
@@ -35,7 +35,12 @@ def make_server(tmp_path: Path, clients: dict, rounds: int = 1, cohort: int | No
                                     "learning_rate": 0.1}}, source="test", base_dir=tmp_path)
     run = RunDir.create(job, tmp_path / "run")
     schedule = Schedule(rounds=rounds, clients=len(clients), cohort_size=cohort or len(clients), seed=0)
-    return Server(schedule, SPEC, PlainSumServer(), LocalGrid(clients, faults), run)
+    return Server(schedule, SPEC, D, PlainSumServer(), LocalGrid(clients, faults), run)
+
+
+def round_of(server: Server, number: int, weights: np.ndarray) -> tuple[np.ndarray, dict]:
+    model, record = server.round(number, PlainModel(weights=weights))
+    return model.weights, record
 
 
 def test_one_round_equals_the_weighted_average(tmp_path):
@@ -44,7 +49,7 @@ def test_one_round_equals_the_weighted_average(tmp_path):
     locals_ = [rng.standard_normal(D).astype(np.float32) for _ in sizes]
     server = make_server(tmp_path, {i: ScriptedClient(n, v) for i, (n, v) in enumerate(zip(sizes, locals_))})
     start = rng.standard_normal(D).astype(np.float32)
-    weights, record = server.round(1, start)
+    weights, record = round_of(server, 1, start)
     np.testing.assert_allclose(weights, np.average(locals_, axis=0, weights=sizes), rtol=1e-5, atol=1e-5)
     assert record["contributors"] == 4 and record["dropped"] == 0
     assert record["bytes_up"] > 4 * (D + 1) * 4 and record["bytes_down"] > 4 * D * 4
@@ -57,7 +62,7 @@ def test_crashed_and_vanished_clients_are_dropouts_and_the_average_skips_them(tm
     clients = {i: ScriptedClient(n, v, fail_in_round=1 if i == 0 else None)
                for i, (n, v) in enumerate(zip(sizes, locals_))}
     server = make_server(tmp_path, clients, faults=lambda cid, msg: cid == 3)
-    weights, record = server.round(1, np.zeros(D, dtype=np.float32))
+    weights, record = round_of(server, 1, np.zeros(D, dtype=np.float32))
     np.testing.assert_allclose(weights, np.average(locals_[1:3], axis=0, weights=sizes[1:3]), rtol=1e-5, atol=1e-5)
     assert record["contributors"] == 2 and record["dropped"] == 2
 
@@ -67,7 +72,7 @@ def test_a_client_whose_update_is_not_finite_is_dropped(tmp_path):
     notices = []
     server = make_server(tmp_path, clients)
     server.observer.notice = notices.append
-    weights, record = server.round(1, np.zeros(D, dtype=np.float32))
+    weights, record = round_of(server, 1, np.zeros(D, dtype=np.float32))
     assert np.array_equal(weights, np.ones(D, dtype=np.float32))
     assert record["dropped"] == 1 and any("client 1" in n and "NaN" in n for n in notices)
 
@@ -78,7 +83,7 @@ def test_a_round_with_no_survivors_aborts_and_keeps_the_model(tmp_path):
     server = make_server(tmp_path, clients, faults=lambda cid, msg: True)
     server.observer.notice = notices.append
     start = np.full(D, 2.0, dtype=np.float32)
-    weights, record = server.round(1, start)
+    weights, record = round_of(server, 1, start)
     assert np.array_equal(weights, start)
     assert "no client contributed" in record["aborted"]
     assert any("aborted" in n for n in notices)
@@ -96,7 +101,7 @@ def test_rounds_are_committed_to_the_run_directory(tmp_path):
     rounds = 3
     clients = {i: ScriptedClient(4, np.full(D, float(i), dtype=np.float32)) for i in range(2)}
     server = make_server(tmp_path, clients, rounds=rounds)
-    final = server.run(np.zeros(D, dtype=np.float32))
+    final = server.run(PlainModel(weights=np.zeros(D, dtype=np.float32)))
     assert [r["round"] for r in server.run_dir.records()] == list(range(1, rounds + 1))
-    last, weights = server.run_dir.last_checkpoint(D, SPEC)
-    assert last == rounds and np.array_equal(weights, final)
+    last, model = server.run_dir.last_checkpoint(D, SPEC)
+    assert last == rounds and np.array_equal(model.weights, final.weights)

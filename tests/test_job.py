@@ -12,7 +12,7 @@ from securefed.config import PlainSumConfig, load_job
 from securefed.errors import ConfigError
 from securefed.interfaces import LossTerm, Observer
 from securefed.job import client_datasets, evaluate_saved, load_task, make_client
-from securefed.protocol import TrainIns
+from securefed.protocol import PlainModel, TrainIns
 from securefed.runtime.local import run
 
 
@@ -148,7 +148,7 @@ def test_loss_terms_join_the_local_loss(job_file):
     task = load_task(load_job(job_file).model_copy(update={"secagg": PlainSumConfig(mode="none", insecure=True)}))
     data = client_datasets(task)[0]
     start = task.bundle.view.get() + 0.5
-    ins = TrainIns(round=1, spec=task.bundle.view.spec.digest, weights=start)
+    ins = TrainIns(round=1, spec=task.bundle.view.spec.digest, model=PlainModel(weights=start))
 
     def local_norm(loss_terms) -> float:
         client = make_client(task, 0, data)

@@ -21,6 +21,7 @@ def jobs(tmp_path_factory, tiny_model, sst2_sample):
                     str(identities)], check=True, capture_output=True)
     made = {}
     for name, secagg in [("plain", {"mode": "none", "insecure": True}), ("masked", {"mode": "secaggplus"}),
+                         ("ckks", {"mode": "ckks"}),
                          ("hardened", {"mode": "secaggplus", "hardened": True, "identities": str(identities)})]:
         sub = folder / name
         sub.mkdir()
@@ -41,6 +42,23 @@ def test_secure_sums_train_the_same_model_as_plaintext_fedavg(jobs, tmp_path):
     assert first["setup"]["bytes_up"] > 0 and first["setup"]["dropped"] == 0
     assert "SecAgg+" in (tmp_path / "masked" / "report.md").read_text()
     assert "Insecure" in (tmp_path / "plain" / "report.md").read_text()
+
+
+def test_ckks_jobs_train_fedavg_while_the_server_sees_only_ciphertexts(jobs, tmp_path):
+    from safetensors.numpy import load_file
+
+    plain = run(load_job(jobs["plain"]), out=tmp_path / "plain")
+    sealed = run(load_job(jobs["ckks"]), out=tmp_path / "ckks")
+    np.testing.assert_allclose(sealed.weights, plain.weights, atol=1e-4)
+    # a client evaluated the model, and the server's checkpoints hold only the sealed sum
+    for mine, theirs in zip(sealed.records, plain.records):
+        assert mine["dev_accuracy"] == pytest.approx(theirs["dev_accuracy"], abs=0.02)
+    checkpoint = load_file(tmp_path / "ckks" / "checkpoints" / "round-00002.safetensors")
+    assert "sealed" in checkpoint and "weights" not in checkpoint
+    assert "CKKS" in (tmp_path / "ckks" / "report.md").read_text()
+    resumed = subprocess.run([sys.executable, "-m", "securefed.cli", "run", str(jobs["ckks"]), "--resume",
+                              str(tmp_path / "ckks")], capture_output=True, text=True)
+    assert resumed.returncode == 2 and "cannot resume" in resumed.stderr and "Traceback" not in resumed.stderr
 
 
 def test_a_client_vanishing_before_unmasking_is_recovered(jobs, tmp_path):

@@ -16,13 +16,23 @@ from .codec import Array, MaxLen, Message, message
 SpecDigest = Annotated[bytes, MaxLen(32)]
 
 
+@message(3)
+class PlainModel(Message):
+    """The global weights in clear."""
+
+    weights: Annotated[np.ndarray, Array(("float32",))]
+
+
 @message(1)
 class TrainIns(Message):
-    """Server to client: train on your data starting from these weights."""
+    """Server to client: train on your data starting from this global model.
+
+    `model` is a PlainModel, or a sealed aggregate that only the clients can open (CKKS).
+    """
 
     round: int
     spec: SpecDigest
-    weights: Annotated[np.ndarray, Array(("float32",))]
+    model: Message
 
 
 @message(2)
@@ -32,3 +42,18 @@ class TrainRes(Message):
     round: int
     metrics: dict[str, float]
     upload: Message
+
+
+@message(4)
+class EvaluateIns(Message):
+    """Server to client: score this global model on the dev split (when the server cannot read the model)."""
+
+    round: int
+    spec: SpecDigest
+    model: Message
+
+
+@message(5)
+class EvaluateRes(Message):
+    round: int
+    metrics: dict[str, float]  # loss, accuracy, examples

@@ -17,9 +17,9 @@ import numpy as np
 from .. import job as jobs
 from ..client import Client
 from ..config import JobConfig
-from ..errors import ProtocolError, SecurefedError
+from ..errors import ProtocolError, RunDirError, SecurefedError
 from ..interfaces import Exchange, Grid, Observer
-from ..protocol import Message, decode, encode
+from ..protocol import Message, PlainModel, decode, encode
 from ..report import write_report
 from ..rundir import RunDir
 
@@ -79,6 +79,9 @@ class PreparedRun:
 
 
 def prepare(config: JobConfig, *, out: Path | None = None, resume: Path | None = None) -> PreparedRun:
+    if resume and config.secagg.mode == "ckks":
+        raise RunDirError(f"cannot resume {resume}: a CKKS run's key lived only in its clients' memory, so its "
+                          "sealed checkpoints cannot be opened again; start the job anew")
     run_dir = RunDir.resume(resume, config) if resume else None
     task = jobs.load_task(config)  # before creating anything: bad data or a bad model fails with nothing written
     return PreparedRun(config, task, run_dir or RunDir.create(config, out), resuming=resume is not None)
@@ -91,15 +94,17 @@ def execute(prepared: PreparedRun, *, observer: Observer | None = None, faults: 
     clients = {cid: jobs.make_client(task, cid, data, observer) for cid, data in enumerate(jobs.client_datasets(task))}
     server = jobs.make_server(task, LocalGrid(clients, faults), run_dir, observer)
 
-    weights, start = task.bundle.view.get(), 1
+    model, start = PlainModel(weights=task.bundle.view.get()), 1
     if prepared.resuming:
         last = run_dir.last_checkpoint(task.bundle.view.size, task.bundle.view.spec.digest)
         if last is not None:
-            done, weights = last
+            done, model = last
             start = done + 1
             observer.notice(f"resuming after round {done} of {config.federation.rounds}")
         run_dir.rollback_metrics(start - 1)
-    weights = server.run(weights, start)
+    model = server.run(model, start)
+    # the clients write the model: a sealed one only they can open
+    weights = clients[min(clients)].open(model, task.bundle.view.spec.digest, max(config.federation.rounds, 1))
     jobs.save_model(task, weights, run_dir.model_dir)
     records = run_dir.records()
     write_report(run_dir, config, records)

@@ -231,7 +231,8 @@ class SecAggPlusClient(SumClient):
             seed_commitments=_table(seed_commitment(self.settings, self.cid, r, setup.seeds[r]) for r in rounds),
             signature=b"")
         if self.identity_key is not None:
-            advert = dataclasses.replace(advert, signature=self.identity_key.sign(advert_content(self.settings, advert)))
+            signature = self.identity_key.sign(advert_content(self.settings, advert))
+            advert = dataclasses.replace(advert, signature=signature)
         return advert
 
     def _share(self, request: ShareRequest) -> EncryptedShares:

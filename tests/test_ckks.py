@@ -1,0 +1,191 @@
+"""CKKS summation with real TenSEAL: FedAvg under encryption, dropouts, key distribution, fuzzing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import mutated
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from securefed.errors import ProtocolError, RoundAborted, SetupFailed
+from securefed.protocol import Message, PlainModel, decode, encode
+from securefed.secagg.ckks import (
+    CkksClient,
+    CkksServer,
+    CkksSettings,
+    CkksSum,
+    CkksUpload,
+    new_context,
+    serialize_context,
+)
+
+D = 5000  # two chunks of N/2 slots
+
+
+class Federation:
+    def __init__(self, n: int):
+        self.settings = CkksSettings(job=b"ckks-job".ljust(32, b"\0"), clients=n)
+        self.clients = {c: CkksClient(c, self.settings) for c in range(n)}
+        self.server = CkksServer(self.settings)
+
+    def exchange(self, requests, drop=frozenset()) -> dict[int, Message]:
+        replies = {}
+        for cid, request in requests.items():
+            if cid in drop:
+                continue
+            try:
+                replies[cid] = decode(encode(self.clients[cid].reply(decode(encode(request)))))
+            except ProtocolError:
+                pass
+        return replies
+
+    def setup(self, drops=((), (), ())) -> None:
+        requests, stage = self.server.setup(list(self.clients), range(1, 3)), 0
+        while requests:
+            requests = self.server.setup_step(self.exchange(requests, set(drops[stage])))
+            stage += 1
+
+    def round(self, number: int, start: np.ndarray, locals_: dict[int, np.ndarray], sizes: dict[int, int]):
+        """Every client opens the global model, 'trains' to its local vector and uploads n_k·Δ_k, n_k."""
+        uploads = {}
+        for c, local in locals_.items():
+            weights = self.clients[c].open_model(PlainModel(weights=start), D)
+            vector = np.append((local - weights) * np.float32(sizes[c]), np.float32(sizes[c])).astype(np.float32)
+            uploads[c] = decode(encode(self.clients[c].upload(number, vector)))
+        self.server.open(number, sorted(self.clients), D + 1)
+        return self.server.step(uploads)
+
+
+def scenario(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    start = rng.normal(0, 0.1, D).astype(np.float32)
+    locals_ = {c: start + rng.normal(0, 0.01, D).astype(np.float32) for c in range(n)}
+    sizes = {c: int(rng.integers(5, 500)) for c in range(n)}
+    return start, locals_, sizes
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.3])
+def test_the_opened_sum_is_fedavg_over_whoever_uploaded(rate):
+    n = 10
+    fed = Federation(n)
+    fed.setup()
+    start, locals_, sizes = scenario(n)
+    gone = set(range(int(rate * n)))
+    result = fed.round(1, start, {c: v for c, v in locals_.items() if c not in gone}, sizes)
+    assert result.contributors == tuple(c for c in range(n) if c not in gone)
+    kept = [c for c in range(n) if c not in gone]
+    expected = np.average([locals_[c] for c in kept], axis=0, weights=[sizes[c] for c in kept])
+    for c in (0, n - 1):  # any client opens the same model
+        opened = fed.clients[c].open_model(decode(encode(result.sealed)), D)
+        np.testing.assert_allclose(opened, expected, atol=1e-6)
+
+
+def test_the_server_holds_no_secret_key_and_refuses_one():
+    import tenseal as ts
+
+    fed = Federation(3)
+    fed.setup()
+    assert fed.server.holder == 0 and not fed.server._context.is_private()
+    start, locals_, sizes = scenario(3)
+    result = fed.round(1, start, locals_, sizes)
+    with pytest.raises(ValueError, match="secret_key"):  # the server cannot open what it summed
+        ts.ckks_vector_from(fed.server._context, result.sealed.chunks[0]).decrypt()
+    # a key holder that hands the server a context with the secret key in it ends the setup
+    other = Federation(3)
+    requests = other.server.setup(list(other.clients), range(1, 2))
+    requests = other.server.setup_step(other.exchange(requests))
+    bundle = other.exchange(requests)[0]
+    leaky = dataclasses.replace(bundle, public_context=serialize_context(new_context(), secret=True))
+    with pytest.raises(SetupFailed, match="carries a secret key"):
+        other.server.setup_step({0: leaky})
+
+
+def test_sealed_keys_are_authenticated_and_bound_to_their_recipient():
+    fed = Federation(3)
+    requests = fed.server.setup(list(fed.clients), range(1, 2))
+    requests = fed.server.setup_step(fed.exchange(requests))
+    deliveries = fed.server.setup_step(fed.exchange(requests))
+    tampered = bytearray(deliveries[1].sealed_key)
+    tampered[-5] ^= 1
+    with pytest.raises(ProtocolError, match="failed authentication"):
+        fed.clients[1].reply(dataclasses.replace(deliveries[1], sealed_key=bytes(tampered)))
+    with pytest.raises(ProtocolError, match="failed authentication"):  # client 2's key handed to client 1
+        fed.clients[1].reply(dataclasses.replace(deliveries[1], sealed_key=deliveries[2].sealed_key))
+    fed.clients[1].reply(deliveries[1])
+
+
+def test_a_client_that_missed_its_key_is_left_out_and_the_rest_sum():
+    fed = Federation(4)
+    fed.setup(drops=((), (), {3}))
+    start, locals_, sizes = scenario(4)
+    with pytest.raises(ProtocolError, match="holds no CKKS key"):
+        fed.clients[3].upload(1, np.zeros(D + 1, dtype=np.float32))
+    result = fed.round(1, start, {c: locals_[c] for c in range(3)}, sizes)
+    assert result.contributors == (0, 1, 2)
+
+
+def test_garbage_ciphertexts_are_rejected_not_summed():
+    fed = Federation(3)
+    fed.setup()
+    start, locals_, sizes = scenario(3)
+    for c in range(3):
+        fed.clients[c].open_model(PlainModel(weights=start), D)
+    uploads = {c: fed.clients[c].upload(1, np.append((locals_[c] - start) * sizes[c], sizes[c]).astype(np.float32))
+               for c in range(3)}
+    broken = bytearray(uploads[2].chunks[0])
+    del broken[len(broken) // 2 :]
+    uploads[2] = CkksUpload(round=1, chunks=(bytes(broken), uploads[2].chunks[1]))
+    uploads[1] = CkksUpload(round=1, chunks=uploads[1].chunks[:1])
+    fed.server.open(1, range(3), D + 1)
+    result = fed.server.step(uploads)
+    assert result.contributors == (0,) and set(result.rejected) == {1, 2}
+    fed.server.open(2, range(3), D + 1)
+    with pytest.raises(RoundAborted, match="no client contributed"):
+        fed.server.step({})
+
+
+def test_a_sealed_model_of_the_wrong_shape_is_refused():
+    fed = Federation(2)
+    fed.setup()
+    with pytest.raises(ProtocolError, match="holds 10 weights"):
+        fed.clients[0].open_model(CkksSum(round=1, size=10, chunks=(b"x",)), D)
+
+
+def _valid_wires() -> list[bytes]:
+    fed = Federation(3)
+    wires = []
+    requests = fed.server.setup(list(fed.clients), range(1, 2))
+    while requests:
+        replies = fed.exchange(requests)
+        wires += [encode(m) for m in (*requests.values(), *replies.values())]
+        requests = fed.server.setup_step(replies)
+    start, locals_, sizes = scenario(3)
+    result = fed.round(1, start, locals_, sizes)
+    return wires + [encode(result.sealed)]
+
+
+_VALID = _valid_wires()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wire=st.one_of(st.deferred(lambda: mutated(_VALID)), st.binary(max_size=200)))
+def test_no_input_crashes_a_ckks_party(wire):
+    try:
+        msg = decode(wire)
+    except ProtocolError:
+        return
+    fed = Federation(3)
+    for stage in range(4):
+        server_step = (lambda: fed.server.setup_step({0: msg, 1: msg})) if stage < 3 else (
+            lambda: fed.server.step({1: msg}))
+        for act in (lambda: fed.clients[1].reply(msg), lambda: fed.clients[1].open_model(msg, D), server_step):
+            try:
+                act()
+            except (ProtocolError, RoundAborted, SetupFailed):
+                pass
+        if stage == 0:
+            fed.setup()
+            fed.server.open(1, range(3), D + 1)
