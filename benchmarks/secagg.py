@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 50, 1000])
     parser.add_argument("--dropout", type=float, default=0.3)
-    parser.add_argument("--ckks-max", type=int, default=50, help="largest n for CKKS at the full vector size")
+    parser.add_argument("--ckks-max", type=int, default=1000, help="largest n for CKKS at the full vector size")
     args = parser.parse_args(argv)
     results = []
     for n in args.clients:

@@ -151,6 +151,7 @@ class CkksConfig(Section):
     """TenSEAL CKKS: the server adds ciphertexts and never sees a model in clear; clients evaluate."""
 
     mode: Literal["ckks"]
+    identities: FilePath | None = Field(None, description="folder of Ed25519 identities: signed key exchange")
 
 
 class PlainSumConfig(Section):
@@ -189,6 +190,9 @@ class JobConfig(Section):
         fed = self.federation
         if self.secagg.mode != "none" and fed.clients < 2:
             raise ValueError("secagg: secure aggregation needs at least 2 clients")
+        if self.secagg.mode == "ckks" and fed.clients > 1500:
+            raise ValueError("secagg: ckks sends the secret key to every client in one message, which holds at most "
+                             "1,500 clients")
         if isinstance(self.secagg, SecAggPlusConfig):
             if fed.cohort_size != fed.clients:
                 raise ValueError("secagg: secaggplus needs every client in every round (clients_per_round = "

@@ -20,8 +20,9 @@ from .errors import ConfigError
 from .interfaces import Grid, Observer, SumClient, SumServer
 from .models import Evaluation, ModelBundle, build_model, evaluate
 from .models.saved import load_adapter, save_adapter
+from .protocol import DEFAULT_MAX_BYTES
 from .rundir import RunDir
-from .secagg import identity
+from .secagg import ckks, identity
 from .secagg.ckks import CkksClient, CkksServer, CkksSettings
 from .secagg.plaintext import PlainSumClient, PlainSumServer
 from .secagg.secaggplus import SecAggPlusClient, SecAggPlusServer, SecAggPlusSettings
@@ -39,8 +40,8 @@ class Task:
     train: EncodedDataset
     dev: EncodedDataset
     collator: PadCollator
-    secagg: SecAggPlusSettings | None = None
-    identity_keys: dict[int, Ed25519PrivateKey] = field(default_factory=dict)  # hardened mode, every client's
+    secagg: SecAggPlusSettings | CkksSettings | None = None
+    identity_keys: dict[int, Ed25519PrivateKey] = field(default_factory=dict)  # when the job lists identities
 
     def evaluate(self, weights: np.ndarray) -> Evaluation:
         self.bundle.view.set(weights)
@@ -60,39 +61,52 @@ def load_task(config: JobConfig) -> Task:
     task = Task(config, splits, bundle, train, dev, PadCollator(bundle.tokenizer.pad_token_id))
     if isinstance(config.secagg, SecAggPlusConfig):
         task.secagg = secaggplus_settings(config)
-        if task.secagg.hardened:
-            task.identity_keys = {c: identity.load_private(config.secagg.identities, c, public)
-                                  for c, public in enumerate(task.secagg.identities)}
+    elif isinstance(config.secagg, CkksConfig):
+        task.secagg = ckks_settings(config)
+        entries = bundle.view.size + 1
+        if -(-entries // ckks.SLOTS) * 140_000 > DEFAULT_MAX_BYTES:  # ~131 KB per ciphertext chunk
+            raise ConfigError(f"secagg: the model has {bundle.view.size:,} trainable values; its CKKS ciphertexts "
+                              "would exceed the 256 MiB message limit (about 7.6 million values)")
+    if task.secagg is not None and task.secagg.identities:
+        task.identity_keys = {c: identity.load_private(config.secagg.identities, c, public)
+                              for c, public in enumerate(task.secagg.identities)}
     return task
 
 
 def secaggplus_settings(config: JobConfig) -> SecAggPlusSettings:
     """The SecAgg+ parameters every party derives from the job; the job id binds the identities too."""
     secagg, clients = config.secagg, config.federation.clients
-    identities = identity.load_publics(secagg.identities, clients) if secagg.hardened else ()
-    job = hashlib.sha256(bytes.fromhex(config.fingerprint()) + b"".join(identities)).digest()
+    identities, job = _identities(config)
     return SecAggPlusSettings(job=job, clients=clients, rounds=config.federation.rounds,
                               degree=config.secagg_degree, threshold=config.secagg_threshold, clip=secagg.clip,
                               seed=config.federation.seed, identities=identities)
 
 
+def _identities(config: JobConfig) -> tuple[tuple[bytes, ...], bytes]:
+    """The job's listed identities, if any, and the job id, which binds them too."""
+    folder = getattr(config.secagg, "identities", None)
+    identities = identity.load_publics(folder, config.federation.clients) if folder else ()
+    return identities, hashlib.sha256(bytes.fromhex(config.fingerprint()) + b"".join(identities)).digest()
+
+
 def ckks_settings(config: JobConfig) -> CkksSettings:
-    return CkksSettings(job=bytes.fromhex(config.fingerprint()), clients=config.federation.clients)
+    identities, job = _identities(config)
+    return CkksSettings(job=job, clients=config.federation.clients, identities=identities)
 
 
 def secure_sum_server(task: Task) -> SumServer:
-    if task.secagg:
+    if isinstance(task.secagg, SecAggPlusSettings):
         return SecAggPlusServer(task.secagg)
-    if isinstance(task.config.secagg, CkksConfig):
-        return CkksServer(ckks_settings(task.config))
+    if isinstance(task.secagg, CkksSettings):
+        return CkksServer(task.secagg)
     return PlainSumServer()
 
 
 def secure_sum_client(task: Task, cid: int) -> SumClient:
-    if task.secagg:
+    if isinstance(task.secagg, SecAggPlusSettings):
         return SecAggPlusClient(cid, task.secagg, task.identity_keys.get(cid))
-    if isinstance(task.config.secagg, CkksConfig):
-        return CkksClient(cid, ckks_settings(task.config))
+    if isinstance(task.secagg, CkksSettings):
+        return CkksClient(cid, task.secagg, task.identity_keys.get(cid))
     return PlainSumClient()
 
 

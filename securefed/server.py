@@ -81,7 +81,7 @@ class Server:
         log = _RoundLog(round, self.schedule.cohort(round))
         self.observer.round_started(round, self.schedule.rounds, log.cohort)
         results = self._train(log, model)
-        aborted = None
+        aborted, previous = None, model
         try:
             result = self._sum(log, results, self.size + 1)
             with log.aggregation:
@@ -89,9 +89,13 @@ class Server:
             log.contributors = len(result.contributors)
         except RoundAborted as exc:
             aborted = str(exc)
-            self.observer.notice(f"round {round} aborted: {aborted}; the model is unchanged")
         with log.evaluation:
             evaluation = self._evaluate(log, model, sorted(results))
+        if evaluation is None and not isinstance(model, PlainModel) and model is not previous:
+            # a sealed sum that a client cannot open (a client sent garbage) must not become the model
+            aborted, model, log.contributors = "no client could open the sealed sum", previous, 0
+        if aborted:
+            self.observer.notice(f"round {round} aborted: {aborted}; the model is unchanged")
         for cid, reason in sorted(log.dropped.items()):
             self.observer.notice(f"round {round}: client {cid} dropped out ({reason})")
         record = {
@@ -133,12 +137,13 @@ class Server:
         if isinstance(model, PlainModel):
             return self.evaluate(model.weights) if self.evaluate else None
         for cid in trained[:1]:
-            exchange = log.add(self.grid.exchange({cid: EvaluateIns(round=log.round, spec=self.spec, model=model)}))
+            exchange = log.add(self.grid.exchange({cid: EvaluateIns(round=log.round, spec=self.spec, model=model)}),
+                               dropouts=False)
             reply = exchange.replies.get(cid)
-            if isinstance(reply, EvaluateRes) and reply.round == log.round and {"loss", "accuracy", "examples"} <= set(
-                    reply.metrics):
-                m = reply.metrics
-                return Evaluation(loss=m["loss"], accuracy=m["accuracy"], examples=int(m["examples"]))
+            if isinstance(reply, EvaluateRes) and reply.round == log.round:
+                m = {k: reply.metrics.get(k, np.nan) for k in ("loss", "accuracy", "examples")}
+                if np.isfinite(list(m.values())).all():
+                    return Evaluation(loss=m["loss"], accuracy=m["accuracy"], examples=int(m["examples"]))
             self.observer.notice(f"round {log.round}: client {cid} could not evaluate the model")
         return None
 
@@ -201,8 +206,9 @@ class _RoundLog:
     aggregation: _Stopwatch = field(default_factory=_Stopwatch)
     evaluation: _Stopwatch = field(default_factory=_Stopwatch)
 
-    def add(self, exchange: Exchange) -> Exchange:
-        self.dropped.update(exchange.dropped)
+    def add(self, exchange: Exchange, dropouts: bool = True) -> Exchange:
+        if dropouts:
+            self.dropped.update(exchange.dropped)
         self.bytes_down += exchange.bytes_down
         self.bytes_up += exchange.bytes_up
         self.seconds += exchange.seconds

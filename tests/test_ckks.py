@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from conftest import mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,9 +27,11 @@ D = 5000  # two chunks of N/2 slots
 
 
 class Federation:
-    def __init__(self, n: int):
-        self.settings = CkksSettings(job=b"ckks-job".ljust(32, b"\0"), clients=n)
-        self.clients = {c: CkksClient(c, self.settings) for c in range(n)}
+    def __init__(self, n: int, signed: bool = False):
+        keys = {c: Ed25519PrivateKey.generate() for c in range(n)} if signed else {}
+        identities = tuple(keys[c].public_key().public_bytes_raw() for c in range(n)) if signed else ()
+        self.settings = CkksSettings(job=b"ckks-job".ljust(32, b"\0"), clients=n, identities=identities)
+        self.clients = {c: CkksClient(c, self.settings, keys.get(c)) for c in range(n)}
         self.server = CkksServer(self.settings)
 
     def exchange(self, requests, drop=frozenset()) -> dict[int, Message]:
@@ -93,14 +96,27 @@ def test_the_server_holds_no_secret_key_and_refuses_one():
     result = fed.round(1, start, locals_, sizes)
     with pytest.raises(ValueError, match="secret_key"):  # the server cannot open what it summed
         ts.ckks_vector_from(fed.server._context, result.sealed.chunks[0]).decrypt()
-    # a key holder that hands the server a context with the secret key in it ends the setup
-    other = Federation(3)
-    requests = other.server.setup(list(other.clients), range(1, 2))
-    requests = other.server.setup_step(other.exchange(requests))
-    bundle = other.exchange(requests)[0]
-    leaky = dataclasses.replace(bundle, public_context=serialize_context(new_context(), secret=True))
-    with pytest.raises(SetupFailed, match="carries a secret key"):
-        other.server.setup_step({0: leaky})
+
+
+def test_with_identities_a_server_cannot_slip_in_a_recipient_or_pose_as_the_holder():
+    from securefed.secagg.ckks import ChannelAdvert, CkksSetupStart, KeyRequest
+
+    fed = Federation(3, signed=True)
+    requests = fed.server.setup(list(fed.clients), range(1, 2))
+    adverts = fed.exchange(requests)
+    forged = ChannelAdvert(client=2, channel_key=adverts[1].channel_key, signature=adverts[1].signature)
+    with pytest.raises(ProtocolError, match="not signed by its identity"):
+        fed.clients[0].reply(KeyRequest(adverts=(adverts[1], forged)))
+    requests = fed.server.setup_step(adverts)
+    deliveries = fed.server.setup_step(fed.exchange(requests))
+    posing = dataclasses.replace(deliveries[1], holder=dataclasses.replace(deliveries[1].holder, client=2))
+    with pytest.raises(ProtocolError, match="not signed by its identity"):
+        fed.clients[1].reply(posing)
+    fed.clients[1].reply(deliveries[1])
+    with pytest.raises(ProtocolError, match="out of order"):  # and no re-keying afterwards
+        fed.clients[1].reply(KeyRequest(adverts=()))
+    with pytest.raises(ProtocolError, match="keyed for the job already"):
+        fed.clients[1].reply(CkksSetupStart())
 
 
 def test_sealed_keys_are_authenticated_and_bound_to_their_recipient():
@@ -125,6 +141,23 @@ def test_a_client_that_missed_its_key_is_left_out_and_the_rest_sum():
         fed.clients[3].upload(1, np.zeros(D + 1, dtype=np.float32))
     result = fed.round(1, start, {c: locals_[c] for c in range(3)}, sizes)
     assert result.contributors == (0, 1, 2)
+
+
+def test_a_ciphertext_stripped_of_its_content_is_refused_before_tenseal_touches_it():
+    fed = Federation(3)
+    fed.setup()
+    start, locals_, sizes = scenario(3)
+    for c in range(3):
+        fed.clients[c].open_model(PlainModel(weights=start), D)
+    uploads = {c: fed.clients[c].upload(1, np.append((locals_[c] - start) * sizes[c], sizes[c]).astype(np.float32))
+               for c in range(3)}
+    hollow = bytearray(uploads[1].chunks[0])
+    assert hollow[4] == 0x12
+    hollow[4] = 0x2A  # the ciphertext field becomes an unknown one: the shape stays valid, the content goes
+    uploads[1] = CkksUpload(round=1, chunks=(bytes(hollow), uploads[1].chunks[1]))
+    fed.server.open(1, range(3), D + 1)
+    result = fed.server.step(uploads)  # adding it would crash the native library
+    assert result.contributors == (0, 2) and "does not match" in result.rejected[1]
 
 
 def test_garbage_ciphertexts_are_rejected_not_summed():

@@ -61,6 +61,23 @@ def test_ckks_jobs_train_fedavg_while_the_server_sees_only_ciphertexts(jobs, tmp
     assert resumed.returncode == 2 and "cannot resume" in resumed.stderr and "Traceback" not in resumed.stderr
 
 
+def test_a_sealed_sum_no_client_can_open_is_not_taken_as_the_model(jobs, tmp_path, monkeypatch):
+    from securefed.secagg.ckks import CkksClient
+
+    honest = CkksClient.upload
+
+    def poisoned(self, round, vector):  # client 3 claims a negative number of examples in round 1
+        if self.cid == 3 and round == 1:
+            vector = np.append(vector[:-1], np.float32(-1e6))
+        return honest(self, round, vector)
+
+    monkeypatch.setattr(CkksClient, "upload", poisoned)
+    result = run(load_job(jobs["ckks"]), out=tmp_path / "run")
+    first, second = result.records
+    assert first["aborted"] == "no client could open the sealed sum" and first["contributors"] == 0
+    assert "aborted" not in second and second["dev_accuracy"] is not None and (tmp_path / "run" / "model").is_dir()
+
+
 def test_a_client_vanishing_before_unmasking_is_recovered(jobs, tmp_path):
     vanish = lambda cid, msg: cid == 2 and isinstance(msg, UnmaskRequest) and msg.round == 1  # noqa: E731
     result = run(load_job(jobs["hardened"]), out=tmp_path / "run", faults=vanish)

@@ -103,12 +103,21 @@ def execute(prepared: PreparedRun, *, observer: Observer | None = None, faults: 
             observer.notice(f"resuming after round {done} of {config.federation.rounds}")
         run_dir.rollback_metrics(start - 1)
     model = server.run(model, start)
-    # the clients write the model: a sealed one only they can open
-    weights = clients[min(clients)].open(model, task.bundle.view.spec.digest, max(config.federation.rounds, 1))
+    weights = _open(model, clients, task)
     jobs.save_model(task, weights, run_dir.model_dir)
     records = run_dir.records()
     write_report(run_dir, config, records)
     return RunResult(run_dir, weights, records, start - 1)
+
+
+def _open(model: Message, clients: Mapping[int, Client], task: jobs.Task) -> np.ndarray:
+    """The final weights: the clients write the model, since a sealed one only they can open."""
+    for client in clients.values():
+        try:
+            return client.open(model, task.bundle.view.spec.digest, task.config.federation.rounds)
+        except ProtocolError:
+            continue
+    raise SecurefedError("no client could open the final model")
 
 
 def run(config: JobConfig, *, out: Path | None = None, resume: Path | None = None, observer: Observer | None = None,

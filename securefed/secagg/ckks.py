@@ -1,14 +1,19 @@
 """CKKS summation with TenSEAL: the server adds ciphertexts it cannot read, and the clients open the sum.
 
 Setup, once per job (three exchanges):
-  1. CkksSetupStart → ChannelAdvert: every client advertises an X25519 channel key.
-  2. KeyRequest → KeyBundle: the key holder (the lowest client id) makes the CKKS context and returns
-     it without its secret key for the server, and with it, AES-GCM-encrypted, for every other client.
-  3. KeyDelivery → KeyReceived: each client loads the secret context.
+  1. CkksSetupStart → ChannelAdvert: every client advertises an X25519 channel key (signed with its
+     Ed25519 identity when the job lists identities).
+  2. KeyRequest → KeyBundle: the key holder (the lowest client id) makes the CKKS context and seals
+     its secret key with AES-GCM for every other client.
+  3. KeyDelivery → KeyReceived: each client checks the holder's advert and loads the secret context.
+The server makes its own context from the fixed parameters, without a secret key.
 
-Per round, clients upload CKKS encryptions of [n_k·θ_k, n_k] (their weighted local model and weight)
-in chunks of N/2 slots. The server adds them and the encrypted sum becomes the next global model:
-a client opens it as Σ n_k·θ_k / Σ n_k, which is FedAvg. The server never sees a model in clear.
+Per round, clients upload CKKS encryptions of [w_k·θ_k, w_k], w_k = n_k / 1024 (their weighted local
+model and weight), in chunks of N/2 slots. The server adds them and the encrypted sum becomes the next
+global model: a client opens it as Σ w_k·θ_k / Σ w_k, which is FedAvg. The server never sees a model
+in clear. Every ciphertext from a peer is checked (one ciphertext of two polynomials, at the first
+level, scale 2^40, NTT form, exact slot count) before TenSEAL adds or decrypts it: malformed ones
+would crash the native library.
 
 Parameters: N = 8192, coefficient moduli [60, 60] bits, scale 2^40, symmetric encryption. Summation
 needs no multiplication, so one data level is enough; that keeps ciphertexts about 8× the float32
@@ -24,19 +29,23 @@ from typing import Annotated
 
 import numpy as np
 import tenseal as ts
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ..errors import ProtocolError, RoundAborted, SetupFailed
 from ..interfaces import SealedSum, SumClient, SumServer
 from ..protocol import MaxLen, Message, message
+from . import identity
 from .channel import channel_key, public_bytes, seal, shared_secret, unseal
 
 POLY_DEGREE = 8192
 COEFF_BITS = [60, 60]
 SCALE = 2.0**40
 SLOTS = POLY_DEGREE // 2
-MAX_CLIENTS = 100_000
-_TENSEAL_ERRORS = (ValueError, RuntimeError, TypeError)
+MAX_CLIENTS = 1_500  # the key bundle of n−1 sealed secret keys (131 KB each) must fit in one message
+WEIGHT_UNIT = 1024.0  # n_k travels as n_k / 1024, so that sums over large datasets stay in range
+MAX_SLOT = 2.0**18  # a summed slot must stay below 2^19 (60-bit modulus at scale 2^40); a margin of 2
+_TENSEAL_ERRORS = (ValueError, RuntimeError, TypeError, IndexError)
 
 Key32 = Annotated[bytes, MaxLen(32)]
 Ids = Annotated[tuple[int, ...], MaxLen(MAX_CLIENTS)]
@@ -54,27 +63,25 @@ class CkksSetupStart(Message):
 class ChannelAdvert(Message):
     client: int
     channel_key: Key32
+    signature: Annotated[bytes, MaxLen(64)]  # Ed25519, when the job lists identities; else empty
 
 
 @message(66)
 class KeyRequest(Message):
     """To the key holder: make the context and seal its secret key for each of these clients."""
 
-    recipients: Ids
-    channel_keys: Annotated[tuple[bytes, ...], MaxLen(MAX_CLIENTS, item=32)]
+    adverts: Annotated[tuple[ChannelAdvert, ...], MaxLen(MAX_CLIENTS)]
 
 
 @message(67)
 class KeyBundle(Message):
-    public_context: Blob  # no secret key: what the server adds ciphertexts with
     recipients: Ids
     sealed_keys: Keys  # the secret context, AES-GCM-sealed for each recipient
 
 
 @message(68)
 class KeyDelivery(Message):
-    holder: int
-    channel_key: Key32  # the holder's
+    holder: ChannelAdvert
     sealed_key: Blob
 
 
@@ -86,7 +93,7 @@ class KeyReceived(Message):
 @message(70)
 class CkksUpload(Message):
     round: int
-    chunks: Chunks  # CKKS vectors of [n_k·θ_k, n_k], N/2 slots each
+    chunks: Chunks  # CKKS vectors of [w_k·θ_k, w_k], N/2 slots each
 
 
 @message(71)
@@ -94,7 +101,7 @@ class CkksSum(Message):
     """The sealed global model: the encrypted sum of the uploads, which only clients can open."""
 
     round: int
-    size: int  # entries in the model (the sum has one more: Σ n_k)
+    size: int  # entries in the model (the sum has one more: Σ w_k)
     chunks: Chunks
 
 
@@ -111,7 +118,7 @@ def serialize_context(context: ts.Context, *, secret: bool) -> bytes:
 
 
 def load_context(data: bytes, *, secret: bool) -> ts.Context:
-    """A context from a peer; it must hold the secret key exactly when `secret` is asked for."""
+    """A serialized context; it must hold the secret key exactly when `secret` is asked for."""
     try:
         context = ts.context_from(data)
     except _TENSEAL_ERRORS as exc:
@@ -122,65 +129,111 @@ def load_context(data: bytes, *, secret: bool) -> ts.Context:
     return context
 
 
-def chunk_count(entries: int) -> int:
-    return -(-entries // SLOTS)
+def chunk_sizes(entries: int) -> list[int]:
+    return [min(SLOTS, entries - i) for i in range(0, entries, SLOTS)]
+
+
+def checked_vector(context: ts.Context, data: bytes, slots: int) -> ts.CKKSVector:
+    """A peer's ciphertext, refused unless it is exactly what this job's parameters produce."""
+    try:
+        vector = ts.ckks_vector_from(context, data)
+        parts = vector.ciphertext()
+        ok = vector.size() == slots and list(vector.shape) == [slots] and len(parts) == 1
+        if ok:
+            part = parts[0]
+            ok = (part.size() == 2 and part.parms_id() == context.data.seal_context().first_parms_id()
+                  and part.scale == SCALE and part.is_ntt_form())
+    except _TENSEAL_ERRORS as exc:
+        raise ProtocolError(f"not a CKKS ciphertext ({exc})") from None
+    if not ok:
+        raise ProtocolError("a CKKS ciphertext does not match the job's parameters or size")
+    return vector
 
 
 @dataclass(frozen=True)
 class CkksSettings:
     job: bytes  # binds the sealed keys to this job
     clients: int
+    identities: tuple[bytes, ...] = ()  # every client's Ed25519 public key, if the job lists identities
+
+
+def advert_content(settings: CkksSettings, client: int, channel: bytes) -> bytes:
+    return b"securefed/ckks-advert" + settings.job + client.to_bytes(8, "little", signed=True) + channel
+
+
+def check_advert(settings: CkksSettings, advert: ChannelAdvert) -> None:
+    if not 0 <= advert.client < settings.clients:
+        raise ProtocolError(f"a channel advert names client {advert.client}, outside the job")
+    shared_secret(X25519PrivateKey.generate(), advert.channel_key)  # a malformed or low-order key fails here
+    if settings.identities and not identity.verify(settings.identities[advert.client], advert.signature,
+                                                   advert_content(settings, advert.client, advert.channel_key)):
+        raise ProtocolError(f"the channel advert of client {advert.client} is not signed by its identity")
 
 
 # ---------------------------------------------------------------- client
 
 
 class CkksClient(SumClient):
-    def __init__(self, cid: int, settings: CkksSettings):
+    def __init__(self, cid: int, settings: CkksSettings, identity_key: Ed25519PrivateKey | None = None):
+        if settings.identities and identity_key is None:
+            raise ValueError("a job with identities needs the client's identity key")
         self.cid = cid
         self.settings = settings
+        self.identity_key = identity_key
         self._channel: X25519PrivateKey | None = None
         self._context: ts.Context | None = None
         self._global: np.ndarray | None = None  # the global model this client last opened
 
     def reply(self, request: Message) -> Message:
         if isinstance(request, CkksSetupStart):
-            self._channel, self._context = X25519PrivateKey.generate(), None
-            return ChannelAdvert(client=self.cid, channel_key=public_bytes(self._channel))
+            return self._advertise()
         if isinstance(request, KeyRequest):
             return self._make_keys(request)
         if isinstance(request, KeyDelivery):
             return self._take_key(request)
         return super().reply(request)
 
+    def _advertise(self) -> ChannelAdvert:
+        if self._context is not None:
+            raise ProtocolError("refused: this client is keyed for the job already")
+        self._channel = X25519PrivateKey.generate()
+        channel = public_bytes(self._channel)
+        signature = (self.identity_key.sign(advert_content(self.settings, self.cid, channel))
+                     if self.identity_key else b"")
+        return ChannelAdvert(client=self.cid, channel_key=channel, signature=signature)
+
     def _make_keys(self, request: KeyRequest) -> KeyBundle:
         channel = self._require_channel()
-        if len(request.channel_keys) != len(request.recipients) or self.cid in request.recipients:
-            raise ProtocolError("KeyRequest names its recipients inconsistently")
-        if len(set(request.recipients)) != len(request.recipients):
-            raise ProtocolError("KeyRequest names a recipient twice")
+        recipients = tuple(a.client for a in request.adverts)
+        if len(set(recipients)) != len(recipients) or self.cid in recipients:
+            raise ProtocolError("refused: KeyRequest names its recipients inconsistently")
+        for advert in request.adverts:
+            check_advert(self.settings, advert)
         context = new_context()
         secret = serialize_context(context, secret=True)
         sealed = []
-        for recipient, key in zip(request.recipients, request.channel_keys):
-            shared = channel_key(channel, key, job=self.settings.job, a=self.cid, b=recipient)
+        for advert in request.adverts:
+            shared = channel_key(channel, advert.channel_key, job=self.settings.job, a=self.cid, b=advert.client)
             sealed.append(seal(shared, secret, job=self.settings.job, stage="ckks-key", sender=self.cid,
-                               recipient=recipient))
+                               recipient=advert.client))
         self._context = context
-        return KeyBundle(public_context=serialize_context(context, secret=False), recipients=request.recipients,
-                         sealed_keys=tuple(sealed))
+        return KeyBundle(recipients=recipients, sealed_keys=tuple(sealed))
 
     def _take_key(self, delivery: KeyDelivery) -> KeyReceived:
         channel = self._require_channel()
-        shared = channel_key(channel, delivery.channel_key, job=self.settings.job, a=self.cid, b=delivery.holder)
-        secret = unseal(shared, delivery.sealed_key, job=self.settings.job, stage="ckks-key", sender=delivery.holder,
+        holder = delivery.holder
+        check_advert(self.settings, holder)
+        if holder.client == self.cid:
+            raise ProtocolError("refused: a key delivery naming this client as the holder")
+        shared = channel_key(channel, holder.channel_key, job=self.settings.job, a=self.cid, b=holder.client)
+        secret = unseal(shared, delivery.sealed_key, job=self.settings.job, stage="ckks-key", sender=holder.client,
                         recipient=self.cid)
         self._context = load_context(secret, secret=True)
         return KeyReceived(client=self.cid)
 
     def _require_channel(self) -> X25519PrivateKey:
-        if self._channel is None:
-            raise ProtocolError("a CKKS key message arrived before the setup started")
+        if self._channel is None or self._context is not None:
+            raise ProtocolError("a CKKS key message arrived out of order")
         return self._channel
 
     def _require_context(self) -> ts.Context:
@@ -193,14 +246,16 @@ class CkksClient(SumClient):
             weights = super().open_model(model, size)
         else:
             context = self._require_context()
-            if model.size != size or len(model.chunks) != chunk_count(size + 1):
+            sizes = chunk_sizes(size + 1)
+            if model.size != size or len(model.chunks) != len(sizes):
                 raise ProtocolError(f"the sealed model holds {model.size} weights in {len(model.chunks)} chunks, "
                                     f"this model has {size}")
+            vectors = [checked_vector(context, chunk, slots) for chunk, slots in zip(model.chunks, sizes)]
             try:
-                values = np.concatenate([ts.ckks_vector_from(context, chunk).decrypt() for chunk in model.chunks])
+                values = np.concatenate([v.decrypt() for v in vectors])
             except _TENSEAL_ERRORS as exc:
                 raise ProtocolError(f"cannot decrypt the sealed model ({exc})") from None
-            if values.size != size + 1 or not values[size] > 0.5:
+            if not values[size] > 0.5 / WEIGHT_UNIT:
                 raise ProtocolError("the sealed model does not hold a weighted sum")
             weights = (values[:size] / values[size]).astype(np.float32)
             if not np.isfinite(weights).all():
@@ -213,10 +268,15 @@ class CkksClient(SumClient):
         if self._global is None or self._global.size + 1 != vector.size:
             raise ProtocolError("no global model was opened for this upload")
         n = float(vector[-1])
-        # FedAvg under encryption: send n_k·θ_k = n_k·Δ_k + n_k·θ_global, and n_k
-        weighted = np.append(vector[:-1].astype(np.float64) + n * self._global.astype(np.float64), n)
-        chunks = tuple(ts.ckks_vector(context, weighted[i : i + SLOTS]).serialize()
-                       for i in range(0, weighted.size, SLOTS))
+        # FedAvg under encryption: w_k·θ_k = w_k·(Δ_k + θ_global), and w_k = n_k / 1024
+        weighted = np.append(vector[:-1].astype(np.float64) + n * self._global.astype(np.float64), n) / WEIGHT_UNIT
+        if not np.abs(weighted).max() * self.settings.clients < MAX_SLOT:
+            raise ProtocolError("the weighted model is too large for CKKS at scale 2^40: the sum could wrap around")
+        try:
+            chunks = tuple(ts.ckks_vector(context, weighted[i : i + SLOTS]).serialize()
+                           for i in range(0, weighted.size, SLOTS))
+        except _TENSEAL_ERRORS as exc:
+            raise ProtocolError(f"cannot encrypt the update ({exc})") from None
         return CkksUpload(round=round, chunks=chunks)
 
 
@@ -228,9 +288,9 @@ class CkksServer(SumServer):
         self.settings = settings
         self._stage = "new"
         self._invited: frozenset[int] = frozenset()
-        self._adverts: dict[int, bytes] = {}
+        self._adverts: dict[int, ChannelAdvert] = {}
         self._holder = -1
-        self._context: ts.Context | None = None  # public: no secret key
+        self._context: ts.Context | None = None  # parameters only: no secret key
         self._members: frozenset[int] = frozenset()
         self._round: tuple[int, frozenset[int], int] | None = None
 
@@ -238,47 +298,52 @@ class CkksServer(SumServer):
     def holder(self) -> int:
         return self._holder
 
+    @property
+    def members(self) -> frozenset[int]:
+        """The clients that hold the key."""
+        return self._members
+
     def setup(self, clients: Sequence[int], rounds: range) -> dict[int, Message]:
         self._stage, self._invited, self._adverts, self._context = "advertise", frozenset(clients), {}, None
         return {c: CkksSetupStart() for c in sorted(clients)}
 
     def setup_step(self, replies: Mapping[int, Message]) -> dict[int, Message]:
         if self._stage == "advertise":
-            probe = X25519PrivateKey.generate()
-            for cid, advert in sorted(replies.items()):
-                if cid in self._invited and isinstance(advert, ChannelAdvert) and advert.client == cid:
-                    try:
-                        shared_secret(probe, advert.channel_key)
-                    except ProtocolError:
-                        continue
-                    self._adverts[cid] = advert.channel_key
-            self._require(len(self._adverts), "advertised a channel key")
-            self._holder = min(self._adverts)
-            others = tuple(c for c in sorted(self._adverts) if c != self._holder)
-            self._stage = "keys"
-            return {self._holder: KeyRequest(recipients=others, channel_keys=tuple(self._adverts[c] for c in others))}
+            return self._request_keys(replies)
         if self._stage == "keys":
-            bundle = replies.get(self._holder)
-            others = tuple(c for c in sorted(self._adverts) if c != self._holder)
-            if not isinstance(bundle, KeyBundle) or bundle.recipients != others or len(bundle.sealed_keys) != len(
-                    others):
-                self._stage = "failed"
-                raise SetupFailed(f"CKKS setup failed: the key holder, client {self._holder}, sent no usable keys")
-            try:
-                self._context = load_context(bundle.public_context, secret=False)
-            except ProtocolError as exc:
-                self._stage = "failed"
-                raise SetupFailed(f"CKKS setup failed: client {self._holder}'s context: {exc}") from None
-            self._stage = "deliver"
-            return {c: KeyDelivery(holder=self._holder, channel_key=self._adverts[self._holder], sealed_key=key)
-                    for c, key in zip(others, bundle.sealed_keys)}
+            return self._deliver_keys(replies)
         if self._stage == "deliver":
             received = {c for c, r in replies.items() if isinstance(r, KeyReceived) and r.client == c}
-            self._members = frozenset(received | {self._holder})
+            self._members = frozenset(received & set(self._adverts) | {self._holder})
             self._require(len(self._members), "received the key")
             self._stage = "ready"
             return {}
         raise ProtocolError(f"no setup step is pending (stage {self._stage})")
+
+    def _request_keys(self, replies: Mapping[int, Message]) -> dict[int, Message]:
+        for cid, advert in sorted(replies.items()):
+            if cid in self._invited and isinstance(advert, ChannelAdvert) and advert.client == cid:
+                try:
+                    check_advert(self.settings, advert)
+                except ProtocolError:
+                    continue
+                self._adverts[cid] = advert
+        self._require(len(self._adverts), "advertised a channel key")
+        self._holder = min(self._adverts)
+        self._stage = "keys"
+        return {self._holder: KeyRequest(adverts=tuple(a for c, a in sorted(self._adverts.items())
+                                                       if c != self._holder))}
+
+    def _deliver_keys(self, replies: Mapping[int, Message]) -> dict[int, Message]:
+        bundle = replies.get(self._holder)
+        others = tuple(c for c in sorted(self._adverts) if c != self._holder)
+        if not isinstance(bundle, KeyBundle) or bundle.recipients != others or len(bundle.sealed_keys) != len(others):
+            self._stage = "failed"
+            raise SetupFailed(f"CKKS setup failed: the key holder, client {self._holder}, sent no usable keys")
+        self._context = load_context(serialize_context(new_context(), secret=False), secret=False)
+        self._stage = "deliver"
+        return {c: KeyDelivery(holder=self._adverts[self._holder], sealed_key=key)
+                for c, key in zip(others, bundle.sealed_keys)}
 
     def _require(self, count: int, what: str) -> None:
         if count < 2:
@@ -295,20 +360,20 @@ class CkksServer(SumServer):
         if self._round is None:
             raise RoundAborted("no round is open")
         (number, cohort, size), self._round = self._round, None
-        chunks, total, contributors, rejected = chunk_count(size), None, [], {}
-        expected = [min(SLOTS, size - i) for i in range(0, size, SLOTS)]
+        sizes, total, contributors, rejected = chunk_sizes(size), None, [], {}
         for cid, upload in sorted(replies.items()):
             if cid not in cohort or cid not in self._members:
                 rejected[cid] = "not in this round's cohort, or holds no CKKS key"
                 continue
-            if not isinstance(upload, CkksUpload) or upload.round != number or len(upload.chunks) != chunks:
-                rejected[cid] = f"expected a CkksUpload of {chunks} chunks for round {number}"
+            if not isinstance(upload, CkksUpload) or upload.round != number or len(upload.chunks) != len(sizes):
+                rejected[cid] = f"expected a CkksUpload of {len(sizes)} chunks for round {number}"
                 continue
             try:
-                vectors = [ts.ckks_vector_from(self._context, c) for c in upload.chunks]
-                if [v.size() for v in vectors] != expected:
-                    raise ValueError("chunk sizes differ from the model's")
+                vectors = [checked_vector(self._context, c, n) for c, n in zip(upload.chunks, sizes)]
                 total = vectors if total is None else [t + v for t, v in zip(total, vectors)]
+            except ProtocolError as exc:
+                rejected[cid] = str(exc)
+                continue
             except _TENSEAL_ERRORS as exc:
                 rejected[cid] = f"unusable ciphertext ({exc})"
                 continue
