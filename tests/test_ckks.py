@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from conftest import mutated
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,8 +19,6 @@ from securefed.secagg.ckks import (
     CkksSettings,
     CkksSum,
     CkksUpload,
-    new_context,
-    serialize_context,
 )
 
 D = 5000  # two chunks of N/2 slots
@@ -51,13 +49,17 @@ class Federation:
             requests = self.server.setup_step(self.exchange(requests, set(drops[stage])))
             stage += 1
 
-    def round(self, number: int, start: np.ndarray, locals_: dict[int, np.ndarray], sizes: dict[int, int]):
+    def uploads(self, number: int, start: np.ndarray, locals_: dict[int, np.ndarray], sizes: dict[int, int]):
         """Every client opens the global model, 'trains' to its local vector and uploads n_k·Δ_k, n_k."""
         uploads = {}
         for c, local in locals_.items():
             weights = self.clients[c].open_model(PlainModel(weights=start), D)
             vector = np.append((local - weights) * np.float32(sizes[c]), np.float32(sizes[c])).astype(np.float32)
             uploads[c] = decode(encode(self.clients[c].upload(number, vector)))
+        return uploads
+
+    def round(self, number: int, start: np.ndarray, locals_: dict[int, np.ndarray], sizes: dict[int, int]):
+        uploads = self.uploads(number, start, locals_, sizes)
         self.server.open(number, sorted(self.clients), D + 1)
         return self.server.step(uploads)
 
@@ -146,11 +148,7 @@ def test_a_client_that_missed_its_key_is_left_out_and_the_rest_sum():
 def test_a_ciphertext_stripped_of_its_content_is_refused_before_tenseal_touches_it():
     fed = Federation(3)
     fed.setup()
-    start, locals_, sizes = scenario(3)
-    for c in range(3):
-        fed.clients[c].open_model(PlainModel(weights=start), D)
-    uploads = {c: fed.clients[c].upload(1, np.append((locals_[c] - start) * sizes[c], sizes[c]).astype(np.float32))
-               for c in range(3)}
+    uploads = fed.uploads(1, *scenario(3))
     hollow = bytearray(uploads[1].chunks[0])
     assert hollow[4] == 0x12
     hollow[4] = 0x2A  # the ciphertext field becomes an unknown one: the shape stays valid, the content goes
@@ -163,11 +161,7 @@ def test_a_ciphertext_stripped_of_its_content_is_refused_before_tenseal_touches_
 def test_garbage_ciphertexts_are_rejected_not_summed():
     fed = Federation(3)
     fed.setup()
-    start, locals_, sizes = scenario(3)
-    for c in range(3):
-        fed.clients[c].open_model(PlainModel(weights=start), D)
-    uploads = {c: fed.clients[c].upload(1, np.append((locals_[c] - start) * sizes[c], sizes[c]).astype(np.float32))
-               for c in range(3)}
+    uploads = fed.uploads(1, *scenario(3))
     broken = bytearray(uploads[2].chunks[0])
     del broken[len(broken) // 2 :]
     uploads[2] = CkksUpload(round=1, chunks=(bytes(broken), uploads[2].chunks[1]))
