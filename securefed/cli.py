@@ -107,6 +107,32 @@ def evaluate(
         print(f"dev accuracy {result.accuracy:.4f}, dev loss {result.loss:.4f} ({result.examples} examples)")
 
 
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Check every client's privacy ledger and recompute its ε from the entries (PRV; RDP as a cross-check)."""
+    from .privacy.audit import audit_ledgers
+    from .rundir import RunDir
+
+    run_ = RunDir(run_dir)
+    if not run_.job_file.is_file():
+        raise SecurefedError(f"{run_dir} is not a securefed run directory (no job.toml)")
+    config = load_job(run_.job_file)
+    rows = audit_ledgers(run_.ledger_dir, bytes.fromhex(config.fingerprint()), config.federation.clients)
+    if as_json:
+        print(json.dumps({"clients": [{**vars(r), "budget_left": r.budget_left} for r in rows], "ok": True}))
+        return
+    table = Table(title=f"privacy ledgers of {run_dir}: intact")
+    for name in ("client", "rounds", "steps", "q", "σ", "ε (PRV)", "ε (RDP)", "δ", "budget left"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(str(r.client), str(r.rounds), str(r.steps), f"{r.q:.5f}", f"{r.sigma:.4f}",
+                      f"{r.epsilon_prv:.4f}", f"{r.epsilon_rdp:.4f}", f"{r.delta:g}", f"{r.budget_left:.4f}")
+    Console().print(table)
+
+
 secagg_app = typer.Typer(help="Secure aggregation tools.", no_args_is_help=True)
 app.add_typer(secagg_app, name="secagg")
 

@@ -33,6 +33,7 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     model_dir = property(lambda self: self.path / "model")
     report_file = property(lambda self: self.path / "report.md")
+    ledger_dir = property(lambda self: self.path / "ledger")  # client-<i>.jsonl: each client's privacy ledger
 
     # ------------------------------------------------------------ opening
 

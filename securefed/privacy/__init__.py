@@ -1,0 +1,1 @@
+"""Differential privacy: accounting, the per-client privacy ledger and its audit."""
