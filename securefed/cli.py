@@ -128,7 +128,7 @@ def audit(
     for name in ("client", "rounds", "steps", "q", "σ", "ε (PRV)", "ε (RDP)", "δ", "budget left"):
         table.add_column(name, justify="right")
     for r in rows:
-        table.add_row(str(r.client), str(r.rounds), str(r.steps), f"{r.q:.5f}", f"{r.sigma:.4f}",
+        table.add_row(str(r.client), str(r.rounds), str(r.steps), f"{r.q:.4g}", f"{r.sigma:.4f}",
                       f"{r.epsilon_prv:.4f}", f"{r.epsilon_rdp:.4f}", f"{r.delta:g}", f"{r.budget_left:.4f}")
     Console().print(table)
 

@@ -11,7 +11,7 @@ import torch
 
 from .data import EncodedDataset, PadCollator
 from .errors import ProtocolError
-from .interfaces import LossTerm, Observer, SumClient
+from .interfaces import LossTerm, Observer, SumClient, TrainingWrapper
 from .models import Evaluation, FlatView
 from .protocol import EvaluateIns, EvaluateRes, Message, TrainIns, TrainRes
 from .seeding import stream, stream_seed
@@ -46,6 +46,7 @@ class Client:
         loss_terms: Sequence[LossTerm] = (),
         observer: Observer | None = None,
         evaluate: Callable[[np.ndarray], Evaluation] | None = None,
+        wrapper: TrainingWrapper | None = None,
     ):
         self.cid = cid
         self.model = model
@@ -57,6 +58,7 @@ class Client:
         self.loss_terms = tuple(loss_terms)
         self.observer = observer or Observer()
         self.evaluate = evaluate
+        self.wrapper = wrapper
 
     @property
     def examples(self) -> int:
@@ -81,12 +83,17 @@ class Client:
         """Train from the global weights; the update n_k·(θ_local − θ_global) and n_k go into the secure sum."""
         started = time.perf_counter()
         weights = self.open(ins.model, ins.spec, ins.round)
-        self.view.set(weights)
-        losses = self._train_locally(ins.round)
-        n = float(self.examples)
-        update = (self.view.get() - weights) * np.float32(n)
-        vector = np.append(update, np.float32(n)).astype(np.float32)
-        metrics = {"loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
+        metrics: dict[str, float] = {}
+        vector = self.wrapper.replay(ins.round, weights) if self.wrapper else None
+        if vector is None:
+            self.view.set(weights)
+            metrics["loss"] = float(np.mean(self._train_locally(ins.round)))
+            n = float(self.examples)
+            update = (self.view.get() - weights) * np.float32(n)
+            vector = np.append(update, np.float32(n)).astype(np.float32)
+            if self.wrapper:
+                metrics.update(self.wrapper.commit(ins.round, weights, vector))
+        metrics["seconds"] = time.perf_counter() - started
         return TrainRes(round=ins.round, metrics=metrics, upload=self.secure_sum.upload(ins.round, vector))
 
     def evaluate_global(self, ins: EvaluateIns) -> EvaluateRes:
@@ -101,14 +108,22 @@ class Client:
         cfg = self.training
         optimizer = torch.optim.AdamW(self.view.parameters, lr=cfg.learning_rate_at(round),
                                       weight_decay=cfg.weight_decay)
+        module, batches = self.model, self._batches(round)
+        if self.wrapper:
+            self.wrapper.admit(round)
+            batches = self.wrapper.batches(round, self.examples, cfg.steps)
+            module, optimizer = self.wrapper.wrap(self.model, optimizer, round)
         losses = []
         self.model.train()
         # Dropout draws from torch's global generator: seed it per (round, client), then restore it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stream_seed(cfg.seed, "dropout", round, self.cid))
-            for step, indices in enumerate(self._batches(round), start=1):
+            for step, indices in enumerate(batches, start=1):
+                if len(indices) == 0:
+                    self.wrapper.empty_step(optimizer)
+                    continue
                 batch = self.collator.batch(self.data, indices)
-                outputs = self.model(**batch)
+                outputs = module(**batch)
                 loss = outputs.loss
                 for term in self.loss_terms:
                     loss = loss + term(self.model, batch, outputs)

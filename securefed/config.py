@@ -171,6 +171,14 @@ class PlainSumConfig(Section):
 SecAggConfig = Annotated[SecAggPlusConfig | CkksConfig | PlainSumConfig, Field(discriminator="mode")]
 
 
+class PrivacyConfig(Section):
+    """DP-SGD on every client: (ε, δ) per client over the whole job, examples within the client's data."""
+
+    epsilon: float = Field(gt=0, le=1000, description="each client's budget for the whole job")
+    delta: float = Field(1e-5, gt=0, lt=0.1)
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="per-example clipping bound")
+
+
 class OutputConfig(Section):
     dir: FilePath | None = Field(None, description="default: runs/<name> in the current directory")
 
@@ -183,11 +191,15 @@ class JobConfig(Section):
     partition: PartitionConfig = IidPartition(method="iid")
     federation: FederationConfig
     secagg: SecAggConfig = SecAggPlusConfig(mode="secaggplus")
+    privacy: PrivacyConfig | None = None
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
     def _secagg_fits(self) -> JobConfig:
         fed = self.federation
+        if self.privacy is not None and fed.group_by_length:
+            raise ValueError("federation.group_by_length: DP-SGD samples each batch at random (Poisson sampling), "
+                             "which grouping by length would undo; set it to false")
         if self.secagg.mode != "none" and fed.clients < 2:
             raise ValueError("secagg: secure aggregation needs at least 2 clients")
         if self.secagg.mode == "ckks" and fed.clients > 1500:

@@ -103,6 +103,39 @@ class LossTerm(ABC):
         """A scalar tensor to add to the loss."""
 
 
+class TrainingWrapper(ABC):
+    """Changes how a client trains (DP-SGD): which batches it draws, what runs them, and what each round costs.
+
+    The client calls, per round: `replay` (a release already made for this round and model, if any), else
+    `admit`, `batches`, `wrap`, the training loop (with `empty_step` for an empty batch), and `commit` before
+    the update leaves it.
+    """
+
+    @abstractmethod
+    def replay(self, round: int, weights: np.ndarray) -> np.ndarray | None:
+        """The vector this client already released for `round` from these weights (after a crash), or None."""
+
+    @abstractmethod
+    def admit(self, round: int) -> None:
+        """Raise a SecurefedError if the client must not train in `round` (its budget would be exceeded)."""
+
+    @abstractmethod
+    def batches(self, round: int, examples: int, steps: int) -> list[np.ndarray]:
+        """The indices of each step's batch; a batch may be empty."""
+
+    @abstractmethod
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, round: int):
+        """The module to run forward and the optimizer to step for `round`."""
+
+    @abstractmethod
+    def empty_step(self, optimizer) -> None:
+        """A step for an empty batch (DP-SGD still adds its noise)."""
+
+    @abstractmethod
+    def commit(self, round: int, weights: np.ndarray, vector: np.ndarray) -> dict[str, float]:
+        """Record the round durably before its update leaves the client; metrics to report (ε so far)."""
+
+
 # ---------------------------------------------------------------- runtime
 
 

@@ -20,6 +20,8 @@ from .errors import ConfigError
 from .interfaces import Grid, Observer, SumClient, SumServer
 from .models import Evaluation, ModelBundle, build_model, evaluate
 from .models.saved import load_adapter, save_adapter
+from .privacy.dpsgd import DPSGD, DPSettings, private_module
+from .privacy.ledger import Ledger, ledger_file
 from .protocol import DEFAULT_MAX_BYTES
 from .rundir import RunDir
 from .secagg import ckks, identity
@@ -42,6 +44,7 @@ class Task:
     collator: PadCollator
     secagg: SecAggPlusSettings | CkksSettings | None = None
     identity_keys: dict[int, Ed25519PrivateKey] = field(default_factory=dict)  # when the job lists identities
+    private_module: object | None = None  # Opacus's per-example-gradient wrapper of the model, under DP-SGD
 
     def evaluate(self, weights: np.ndarray) -> Evaluation:
         self.bundle.view.set(weights)
@@ -67,6 +70,11 @@ def load_task(config: JobConfig) -> Task:
         if -(-entries // ckks.SLOTS) * 140_000 > DEFAULT_MAX_BYTES:  # ~131 KB per ciphertext chunk
             raise ConfigError(f"secagg: the model has {bundle.view.size:,} trainable values; its CKKS ciphertexts "
                               "would exceed the 256 MiB message limit (about 7.6 million values)")
+    if config.privacy is not None:
+        was_training = bundle.model.training
+        bundle.model.train()
+        task.private_module = private_module(bundle.model, task.collator.batch(train, np.arange(min(3, len(train)))))
+        bundle.model.train(was_training)
     if task.secagg is not None and task.secagg.identities:
         task.identity_keys = {c: identity.load_private(config.secagg.identities, c, public)
                               for c, public in enumerate(task.secagg.identities)}
@@ -116,19 +124,39 @@ def client_datasets(task: Task) -> list[EncodedDataset]:
     return [task.train.subset(indices) for indices in parts]
 
 
-def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer | None = None) -> Client:
+def schedule(config: JobConfig) -> Schedule:
+    fed = config.federation
+    return Schedule(rounds=fed.rounds, clients=fed.clients, cohort_size=fed.cohort_size, seed=fed.seed)
+
+
+def training_wrapper(task: Task, cid: int, examples: int, run: RunDir) -> DPSGD | None:
+    """DP-SGD for client `cid` if the job asks for privacy; its ledger and secrets live in the run directory."""
+    privacy, fed = task.config.privacy, task.config.federation
+    if privacy is None:
+        return None
+    plan = schedule(task.config)
+    rounds = sum(cid in plan.cohort(r) for r in range(1, fed.rounds + 1))
+    settings = DPSettings(epsilon=privacy.epsilon, delta=privacy.delta, max_grad_norm=privacy.max_grad_norm,
+                          batch_size=min(fed.batch_size, examples), steps=fed.local_steps, secret=run.secret("dp"))
+    ledger = Ledger(ledger_file(run.ledger_dir, cid), bytes.fromhex(task.config.fingerprint()), cid)
+    return DPSGD(cid, examples, rounds, settings, task.private_module, ledger,
+                 run.ledger_dir / f"client-{cid}.release.npz")
+
+
+def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer | None = None,
+                run: RunDir | None = None) -> Client:
     fed = task.config.federation
     training = LocalTraining(steps=fed.local_steps, batch_size=fed.batch_size, learning_rate=fed.learning_rate,
                              learning_rate_decay=fed.learning_rate_decay, weight_decay=fed.weight_decay,
                              seed=fed.seed, group_by_length=fed.group_by_length)
     return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training,
-                  secure_sum_client(task, cid), observer=observer, evaluate=task.evaluate)
+                  secure_sum_client(task, cid), observer=observer, evaluate=task.evaluate,
+                  wrapper=training_wrapper(task, cid, len(data), run) if run else None)
 
 
 def make_server(task: Task, grid: Grid, run: RunDir, observer: Observer | None = None) -> Server:
-    fed = task.config.federation
-    schedule = Schedule(rounds=fed.rounds, clients=fed.clients, cohort_size=fed.cohort_size, seed=fed.seed)
-    return Server(schedule, task.bundle.view.spec.digest, task.bundle.view.size, secure_sum_server(task), grid, run,
+    view = task.bundle.view
+    return Server(schedule(task.config), view.spec.digest, view.size, secure_sum_server(task), grid, run,
                   task.evaluate, observer)
 
 

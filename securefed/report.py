@@ -8,6 +8,7 @@ from .config import JobConfig
 from .rundir import RunDir
 
 ACCURACY_PLOT = "accuracy.png"
+EPSILON_PLOT = "epsilon.png"
 
 
 def write_report(run: RunDir, job: JobConfig, records: Sequence[dict]) -> None:
@@ -24,12 +25,15 @@ def write_report(run: RunDir, job: JobConfig, records: Sequence[dict]) -> None:
         f"- Federation: {fed.clients} clients, {fed.cohort_size} per round, {fed.rounds} rounds of "
         f"{fed.local_steps} local steps (batch {fed.batch_size}, learning rate {fed.learning_rate}), seed {fed.seed}",
         _aggregation(job, records),
+        _privacy(job, records),
         f"- Rounds completed: {len(records)} of {fed.rounds}",
         f"- Final dev accuracy: {final:.4f}" if final is not None else "- Final dev accuracy: not evaluated",
         "",
     ]
     if plotted:
         lines += [f"![dev accuracy per round]({ACCURACY_PLOT})", ""]
+    if _plot(run, records, "epsilon", "ε spent (PRV, largest over clients)", EPSILON_PLOT):
+        lines += [f"![privacy spent per round]({EPSILON_PLOT})", ""]
     lines += [
         "| round | clients | dropped | train loss | dev loss | dev accuracy | KB down | KB up | seconds |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -47,17 +51,27 @@ def write_report(run: RunDir, job: JobConfig, records: Sequence[dict]) -> None:
 def _aggregation(job: JobConfig, records: Sequence[dict]) -> str:
     if job.secagg.mode == "none":
         return ('- Aggregation: plaintext FedAvg (`secagg.mode = "none"`, `insecure = true`). **Insecure: the server '
-                "saw every client's update.** No differential privacy yet.")
+                "saw every client's update.**")
     setup = next((r["setup"] for r in records if "setup" in r), None)
     cost = (f" Setup: {setup['bytes_up'] / 1024:.1f} KB up, {setup['bytes_down'] / 1024:.1f} KB down, "
             f"{setup['seconds']:.2f} s." if setup else "")
     if job.secagg.mode == "ckks":
         return ("- Aggregation: FedAvg under CKKS (TenSEAL, N=8192): the server added ciphertexts and never saw an "
                 "update or the model in clear; a client evaluated each round. The server together with any one "
-                f"client could decrypt.{cost} No differential privacy yet.")
+                f"client could decrypt.{cost}")
     return (f"- Aggregation: FedAvg over SecAgg+ ({job.secagg_degree} neighbours per client, threshold "
             f"{job.secagg_threshold}): the server saw only the sum of the updates, never one update.{cost} "
             "No differential privacy yet.")
+
+
+def _privacy(job: JobConfig, records: Sequence[dict]) -> str:
+    if job.privacy is None:
+        return "- Privacy: no differential privacy: the released model can reveal individual training examples."
+    p = job.privacy
+    spent = max((r["epsilon"] for r in records if "epsilon" in r), default=None)
+    shown = f"{spent:.4f}" if spent is not None else "nothing yet"
+    return (f"- Privacy: DP-SGD on every client, budget ε = {p.epsilon}, δ = {p.delta}, clipping {p.max_grad_norm}; "
+            f"the most any client spent (PRV): {shown}. `securefed audit` checks the ledgers in `ledger/`.")
 
 
 def _fmt(value: float | None) -> str:
@@ -65,7 +79,11 @@ def _fmt(value: float | None) -> str:
 
 
 def _plot_accuracy(run: RunDir, records: Sequence[dict]) -> bool:
-    points = [(r["round"], r["dev_accuracy"]) for r in records if r.get("dev_accuracy") is not None]
+    return _plot(run, records, "dev_accuracy", "dev accuracy", ACCURACY_PLOT)
+
+
+def _plot(run: RunDir, records: Sequence[dict], key: str, label: str, name: str) -> bool:
+    points = [(r["round"], r[key]) for r in records if r.get(key) is not None]
     if not points:
         return False
     import matplotlib
@@ -76,10 +94,10 @@ def _plot_accuracy(run: RunDir, records: Sequence[dict]) -> bool:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot(*zip(*points), marker="o")
     ax.set_xlabel("round")
-    ax.set_ylabel("dev accuracy")
-    ax.set_title("Dev accuracy per round")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label[0].upper()}{label[1:]} per round")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run.path / ACCURACY_PLOT)
+    fig.savefig(run.path / name)
     plt.close(fig)
     return True

@@ -68,6 +68,26 @@ class RunDir:
                               f"({_first_difference(recorded, job)})")
         return run
 
+    def secret(self, name: str) -> int:
+        """A 63-bit secret kept in `secrets/<name>` (made on first use, readable by its owner only).
+
+        In-process, the clients' secrets live in the run directory; across machines each node keeps its own.
+        """
+        path = self.path / "secrets" / name
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(os.urandom(8).hex() + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        try:
+            return int(path.read_text(encoding="ascii").strip(), 16) >> 1
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{path}: unreadable secret ({exc})") from None
+
     # ------------------------------------------------------------ rounds
 
     def last_checkpoint(self, size: int, spec: bytes) -> tuple[int, Message] | None:

@@ -103,7 +103,7 @@ class Server:
             "cohort": len(log.cohort),
             "contributors": log.contributors,
             "dropped": len(log.dropped),
-            "train_loss": _mean([r.metrics.get("loss", np.nan) for r in results.values()]),
+            "train_loss": _mean([r.metrics["loss"] for r in results.values() if "loss" in r.metrics]),
             "dev_loss": evaluation.loss if evaluation else None,
             "dev_accuracy": evaluation.accuracy if evaluation else None,
             "bytes_down": log.bytes_down,
@@ -115,6 +115,9 @@ class Server:
                 "evaluation": log.evaluation.seconds,
             },
         }
+        spent = [r.metrics["epsilon"] for r in results.values() if "epsilon" in r.metrics]
+        if spent:
+            record["epsilon"] = max(spent)  # the largest ε any client has spent so far (its ledger has each)
         if aborted:
             record["aborted"] = aborted
         return model, record

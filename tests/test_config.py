@@ -64,7 +64,8 @@ def test_resolved_toml_reads_back_to_the_same_job(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        ("[privacy]\nepsilon = 8\n", "privacy: unknown setting"),
+        ("[watermark]\nbits = 64\n", "watermark: unknown setting"),
+        ("[privacy]\nepsilon = 8\nnoise = 1.0\n", "privacy.noise: unknown setting"),
         ("[peft]\nmethod = \"lora\"\nrank = 4\n", "peft.rank: unknown setting"),
         ("[peft]\nmethod = \"adalora\"\n", "peft"),
         ("[partition]\nmethod = \"dirichlet\"\nalpha = -1\n", "partition.alpha: Input should be greater than 0"),

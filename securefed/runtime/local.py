@@ -91,7 +91,8 @@ def execute(prepared: PreparedRun, *, observer: Observer | None = None, faults: 
     """Run the job's remaining rounds, then write the model and the report."""
     config, task, run_dir = prepared.config, prepared.task, prepared.run_dir
     observer = observer or Observer()
-    clients = {cid: jobs.make_client(task, cid, data, observer) for cid, data in enumerate(jobs.client_datasets(task))}
+    clients = {cid: jobs.make_client(task, cid, data, observer, run_dir)
+               for cid, data in enumerate(jobs.client_datasets(task))}
     server = jobs.make_server(task, LocalGrid(clients, faults), run_dir, observer)
 
     model, start = PlainModel(weights=task.bundle.view.get()), 1

@@ -1,0 +1,140 @@
+"""DP-SGD on a client with Opacus: Poisson sampling, per-example clipping, Gaussian noise, and the ledger.
+
+σ is calibrated once, before training, from the planned schedule: the rounds in which this client may
+take part × local steps, at q = batch / n_k, by the PRV accountant. Before each round the ledger is
+asked whether the round fits the budget; after it, the spend is appended and fsynced, and the released
+vector is kept, so that a round run again after a crash sends the same release instead of spending
+again. Sampling and noise draw from a secret seed that stays with the clients (never the job seed, which
+the server knows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from ..errors import ModelError, SecurefedError
+from ..interfaces import TrainingWrapper
+from ..seeding import stream, stream_seed
+from .accounting import Spend, calibrate
+from .ledger import Ledger
+
+# Opacus's hooks run on frozen inputs; torch warns about it on every backward pass, to no purpose here.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+class BudgetSpent(SecurefedError):
+    """The round would take the client past its privacy budget: it declines, as a dropout."""
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    epsilon: float
+    delta: float
+    max_grad_norm: float
+    batch_size: int  # expected batch size under Poisson sampling
+    steps: int  # local steps per round
+    secret: int  # seeds sampling and noise; held by the clients only
+
+
+def private_module(model: torch.nn.Module, probe: dict[str, torch.Tensor]) -> GradSampleModule:
+    """Per-example gradients for every trainable parameter, or a clear error naming one that Opacus cannot give.
+
+    `probe` is a small batch: one forward and backward pass on it shows whether each trainable parameter
+    gets a gradient per example, before any client trains.
+    """
+    try:
+        module = GradSampleModule(model, strict=True)
+    except (NotImplementedError, ValueError) as exc:
+        raise ModelError(f"DP-SGD cannot run on this model: {exc}".splitlines()[0]) from None
+    examples = len(probe["input_ids"])
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    failure = None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            module(**probe).loss.backward()
+            failure = next((name for name, p in named
+                            if getattr(p, "grad_sample", None) is None or p.grad_sample.shape[0] != examples), None)
+        except (RuntimeError, ValueError) as exc:
+            failure = f"{named[0][0]} ({str(exc).splitlines()[0]})"
+        finally:
+            module.zero_grad(set_to_none=True)
+            for _, p in named:
+                p.grad_sample = None
+    if failure:
+        raise ModelError(f"DP-SGD needs per-example gradients, which Opacus cannot compute for {failure}: "
+                         "use LoRA or prefix tuning with privacy")
+    return module
+
+
+class DPSGD(TrainingWrapper):
+    def __init__(self, cid: int, examples: int, rounds: int, settings: DPSettings, module: GradSampleModule,
+                 ledger: Ledger, releases: Path):
+        self.cid = cid
+        self.settings = settings
+        self.module = module
+        self.ledger = ledger
+        self.releases = releases  # this client's last released vector
+        self.q = min(1.0, settings.batch_size / examples)
+        self.spend_per_round = None if rounds == 0 else Spend(self.q, calibrate(
+            settings.epsilon, settings.delta, self.q, rounds * settings.steps), settings.steps)
+
+    @property
+    def sigma(self) -> float:
+        return self.spend_per_round.sigma if self.spend_per_round else float("inf")
+
+    def replay(self, round: int, weights: np.ndarray) -> np.ndarray | None:
+        last = self.ledger.entries[-1].round if self.ledger.entries else 0
+        if last < round or not self.releases.exists():
+            return None
+        with np.load(self.releases) as saved:
+            if int(saved["round"]) == round and bytes(saved["input"]) == _digest(weights):
+                return saved["vector"].astype(np.float32)
+        raise BudgetSpent(f"round {round} was already spent on another model; it is not spent twice")
+
+    def admit(self, round: int) -> None:
+        if self.spend_per_round is None:
+            raise BudgetSpent("this client was not planned to train")
+        exceed, epsilon = self.ledger.would_exceed(self.spend_per_round, self.settings.delta, self.settings.epsilon)
+        if exceed:
+            raise BudgetSpent(f"round {round} would take ε to {epsilon:.3f}, past the budget "
+                              f"{self.settings.epsilon}: declined")
+
+    def batches(self, round: int, examples: int, steps: int) -> list[np.ndarray]:
+        rng = stream(self.settings.secret, "poisson", round, self.cid)
+        return [np.flatnonzero(rng.random(examples) < self.q) for _ in range(steps)]
+
+    def wrap(self, model, optimizer, round: int):
+        generator = torch.Generator().manual_seed(stream_seed(self.settings.secret, "noise", round, self.cid))
+        return self.module, DPOptimizer(optimizer, noise_multiplier=self.sigma,
+                                        max_grad_norm=self.settings.max_grad_norm,
+                                        expected_batch_size=self.settings.batch_size, generator=generator)
+
+    def empty_step(self, optimizer) -> None:
+        for p in optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def commit(self, round: int, weights: np.ndarray, vector: np.ndarray) -> dict[str, float]:
+        tmp = self.releases.with_suffix(".tmp.npz")
+        self.releases.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            np.savez(fh, round=round, input=np.frombuffer(_digest(weights), dtype=np.uint8), vector=vector)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.releases)
+        entry = self.ledger.append(round, self.spend_per_round, self.settings.delta, self.settings.epsilon)
+        return {"epsilon": entry.epsilon}
+
+
+def _digest(weights: np.ndarray) -> bytes:
+    return hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float32).tobytes()).digest()
