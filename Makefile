@@ -23,8 +23,10 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 
 setup: $(VENV)/.installed-test  ## the environment for development: package, test tools
 
-run: $(VENV)/.installed  ## the quickstart job: SST-2, MiniLM + LoRA, 4 clients in this process
-	$(BIN)/securefed run examples/quickstart.toml
+JOB ?= examples/quickstart.toml
+
+run: $(VENV)/.installed  ## a job (default: the quickstart; make run JOB=examples/sst2-lora-private.toml)
+	$(BIN)/securefed run $(JOB)
 
 test: $(VENV)/.installed-test  ## the default (fast) test tier
 	$(BIN)/python -m pytest
@@ -35,6 +37,7 @@ test-slow: $(VENV)/.installed-test  ## the slow tier: whole jobs on real data
 bench: $(VENV)/.installed-test  ## benchmarks; each prints JSON against a baseline measured in the same run
 	$(BIN)/python benchmarks/round.py
 	$(BIN)/python benchmarks/secagg.py
+	$(BIN)/python benchmarks/dp_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
