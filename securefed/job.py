@@ -129,11 +129,13 @@ def schedule(config: JobConfig) -> Schedule:
     return Schedule(rounds=fed.rounds, clients=fed.clients, cohort_size=fed.cohort_size, seed=fed.seed)
 
 
-def training_wrapper(task: Task, cid: int, examples: int, run: RunDir) -> DPSGD | None:
+def training_wrapper(task: Task, cid: int, examples: int, run: RunDir | None) -> DPSGD | None:
     """DP-SGD for client `cid` if the job asks for privacy; its ledger and secrets live in the run directory."""
     privacy, fed = task.config.privacy, task.config.federation
     if privacy is None:
         return None
+    if run is None:
+        raise ValueError("a private job's clients keep their ledgers and secrets in a run directory")
     plan = schedule(task.config)
     rounds = sum(cid in plan.cohort(r) for r in range(1, fed.rounds + 1))
     settings = DPSettings(epsilon=privacy.epsilon, delta=privacy.delta, max_grad_norm=privacy.max_grad_norm,
@@ -151,7 +153,7 @@ def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer |
                              seed=fed.seed, group_by_length=fed.group_by_length)
     return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training,
                   secure_sum_client(task, cid), observer=observer, evaluate=task.evaluate,
-                  wrapper=training_wrapper(task, cid, len(data), run) if run else None)
+                  wrapper=training_wrapper(task, cid, len(data), run))
 
 
 def make_server(task: Task, grid: Grid, run: RunDir, observer: Observer | None = None) -> Server:
