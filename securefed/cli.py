@@ -120,7 +120,7 @@ def audit(
     if not run_.job_file.is_file():
         raise SecurefedError(f"{run_dir} is not a securefed run directory (no job.toml)")
     config = load_job(run_.job_file)
-    rows = audit_ledgers(run_.ledger_dir, bytes.fromhex(config.fingerprint()), config.federation.clients)
+    rows = audit_ledgers(run_.ledger_dir, config.job_id, config.federation.clients)
     if as_json:
         print(json.dumps({"clients": [{**vars(r), "budget_left": r.budget_left} for r in rows], "ok": True}))
         return

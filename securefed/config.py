@@ -234,6 +234,11 @@ class JobConfig(Section):
         """The resolved job: every default filled in, every path absolute."""
         return dump_toml(self.model_dump(mode="json", exclude_none=True))
 
+    @property
+    def job_id(self) -> bytes:
+        """The fingerprint as 32 bytes: what keys, ciphertexts and ledgers are bound to."""
+        return bytes.fromhex(self.fingerprint())
+
     def fingerprint(self) -> str:
         """A hash of everything that determines the run's result: all but the output location."""
         content = self.model_dump(mode="json", exclude={"output"})

@@ -94,7 +94,7 @@ def _identities(config: JobConfig) -> tuple[tuple[bytes, ...], bytes]:
     """The job's listed identities, if any, and the job id, which binds them too."""
     folder = getattr(config.secagg, "identities", None)
     identities = identity.load_publics(folder, config.federation.clients) if folder else ()
-    return identities, hashlib.sha256(bytes.fromhex(config.fingerprint()) + b"".join(identities)).digest()
+    return identities, hashlib.sha256(config.job_id + b"".join(identities)).digest()
 
 
 def ckks_settings(config: JobConfig) -> CkksSettings:
@@ -140,7 +140,7 @@ def training_wrapper(task: Task, cid: int, examples: int, run: RunDir | None) ->
     rounds = sum(cid in plan.cohort(r) for r in range(1, fed.rounds + 1))
     settings = DPSettings(epsilon=privacy.epsilon, delta=privacy.delta, max_grad_norm=privacy.max_grad_norm,
                           batch_size=min(fed.batch_size, examples), steps=fed.local_steps, secret=run.secret("dp"))
-    ledger = Ledger(ledger_file(run.ledger_dir, cid), bytes.fromhex(task.config.fingerprint()), cid)
+    ledger = Ledger(ledger_file(run.ledger_dir, cid), task.config.job_id, cid)
     return DPSGD(cid, examples, rounds, settings, task.private_module, ledger,
                  run.ledger_dir / f"client-{cid}.release.npz")
 

@@ -56,6 +56,9 @@ class Ledger:
     def __init__(self, path: Path, job: bytes, client: int):
         self.path, self.job, self.client = path, job, client
         self.entries = read(path, job, client) if path.exists() else []
+        # the hash the next entry chains to: of the last line, or the genesis
+        self._head = hashlib.sha256(path.read_bytes().rstrip(b"\n").split(b"\n")[-1]).hexdigest() if self.entries \
+            else genesis(job, client)
 
     @property
     def schedule(self) -> list[Spend]:
@@ -69,16 +72,17 @@ class Ledger:
     def append(self, round: int, spend: Spend, delta: float, target_epsilon: float) -> Entry:
         if self.entries and round <= self.entries[-1].round:
             raise LedgerError(f"{self.path}: round {round} does not follow round {self.entries[-1].round}")
-        prev = _line_hash(self.path, len(self.entries)) if self.entries else genesis(self.job, self.client)
         entry = Entry(round=round, q=spend.q, sigma=spend.sigma, steps=spend.steps,
                       epsilon=epsilon_prv([*self.schedule, spend], delta), delta=delta,
-                      target_epsilon=target_epsilon, prev=prev)
+                      target_epsilon=target_epsilon, prev=self._head)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(entry.__dict__, sort_keys=True)
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry.__dict__, sort_keys=True) + "\n")
+            fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.entries.append(entry)
+        self._head = hashlib.sha256(line.encode()).hexdigest()
         return entry
 
 
@@ -122,7 +126,3 @@ def _entry(data, where: str) -> Entry:
         raise LedgerError(f"{where}: a value is out of range")
     return entry
 
-
-def _line_hash(path: Path, count: int) -> str:
-    """The hash of the last of the `count` lines already in the file."""
-    return hashlib.sha256(path.read_bytes().split(b"\n")[count - 1]).hexdigest()

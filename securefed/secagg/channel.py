@@ -32,6 +32,11 @@ def shared_secret(private: X25519PrivateKey, peer_public: bytes) -> bytes:
         raise ProtocolError(f"unusable X25519 public key: {exc}") from None
 
 
+def check_public_key(key: bytes) -> None:
+    """Refuse, with a ProtocolError, a peer key that is malformed or of low order, before it is relied on."""
+    shared_secret(X25519PrivateKey.generate(), key)
+
+
 def channel_key(private: X25519PrivateKey, peer_public: bytes, *, job: bytes, a: int, b: int) -> bytes:
     """The AEAD key shared by clients a and b (order does not matter)."""
     low, high = sorted((a, b))

@@ -36,7 +36,7 @@ from ..errors import ProtocolError, RoundAborted, SetupFailed
 from ..interfaces import SealedSum, SumClient, SumServer
 from ..protocol import MaxLen, Message, message
 from . import identity
-from .channel import channel_key, public_bytes, seal, shared_secret, unseal
+from .channel import channel_key, check_public_key, public_bytes, seal, unseal
 
 POLY_DEGREE = 8192
 COEFF_BITS = [60, 60]
@@ -164,7 +164,7 @@ def advert_content(settings: CkksSettings, client: int, channel: bytes) -> bytes
 def check_advert(settings: CkksSettings, advert: ChannelAdvert) -> None:
     if not 0 <= advert.client < settings.clients:
         raise ProtocolError(f"a channel advert names client {advert.client}, outside the job")
-    shared_secret(X25519PrivateKey.generate(), advert.channel_key)  # a malformed or low-order key fails here
+    check_public_key(advert.channel_key)
     if settings.identities and not identity.verify(settings.identities[advert.client], advert.signature,
                                                    advert_content(settings, advert.client, advert.channel_key)):
         raise ProtocolError(f"the channel advert of client {advert.client} is not signed by its identity")

@@ -37,7 +37,7 @@ from ..interfaces import SumClient, SumResult, SumServer
 from ..protocol import Array, MaxLen, Message, message
 from ..seeding import stream
 from . import identity, shamir
-from .channel import channel_key, public_bytes, seal, shared_secret, unseal
+from .channel import channel_key, check_public_key, public_bytes, seal, shared_secret, unseal
 from .encoding import FixedPoint
 from .graph import neighbour_graph
 from .prg import derive_key, expand
@@ -393,9 +393,8 @@ def _check_advert(advert: KeyAdvert, client: int, rounds: range, settings: SecAg
         raise ProtocolError(f"key advertisement of client {advert.client} has the wrong key sizes")
     if settings.hardened and not signed_by(settings, client, advert.signature, advert_content(settings, advert)):
         raise ProtocolError(f"key advertisement of client {client} is not signed by its identity")
-    probe = X25519PrivateKey.generate()  # a low-order or malformed key fails here, not mid-round
     for key in (advert.channel_key, *map(bytes, advert.mask_keys)):
-        shared_secret(probe, key)
+        check_public_key(key)  # a low-order or malformed key fails here, not mid-round
 
 
 # ---------------------------------------------------------------- server
