@@ -61,6 +61,11 @@ class ProgressObserver(Observer):
         self.progress.console.print(f"[yellow]{escape(text)}[/yellow]", highlight=False)
 
 
+def _progress() -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console)
+
+
 @app.command()
 def run(
     job: Annotated[Path, typer.Argument(help="the job TOML")],
@@ -76,9 +81,8 @@ def run(
         prepared = prepare(config, out=out, resume=resume)
     where = prepared.run_dir.path
     console.print(f"run directory: {where}", markup=False, highlight=False)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console) as progress:
+        with _progress() as progress:
             result = execute(prepared, observer=ProgressObserver(progress))
     except KeyboardInterrupt:
         console.print(f"interrupted; finished rounds are saved. Continue with: securefed run {job} --resume {where}",
@@ -109,28 +113,58 @@ def evaluate(
 
 @app.command()
 def audit(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    target: Annotated[Path, typer.Argument(help="a run directory; with --empirical, a job file")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    empirical: Annotated[bool, typer.Option("--empirical", help="run JOB.toml once with canaries on one client "
+                                            "and bound its ε from below (Steinke, Nasr, Jagielski 2023)")] = False,
+    client: Annotated[int, typer.Option("--client", help="with --empirical: the client that holds the canaries")] = 0,
+    canaries: Annotated[int, typer.Option("--canaries", help="with --empirical: how many canaries")] = 1000,
+    guesses: Annotated[int | None, typer.Option("--guesses", help="with --empirical: how many canaries to guess "
+                                                "about, half as in and half as out (default: a tenth)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="with --empirical: keep the audit's run here")] = None,
 ) -> None:
-    """Check every client's privacy ledger and recompute its ε from the entries (PRV; RDP as a cross-check)."""
-    from .privacy.audit import audit_ledgers
+    """Check every client's privacy ledger and recompute its ε (PRV; RDP as a cross-check); or, with --empirical,
+    bound ε from below with canaries in one training run."""
+    if empirical:
+        _empirical_audit(target, as_json, client=client, canaries=canaries, guesses=guesses, out=out)
+        return
+    from .privacy.audit import audit_ledgers, witnessed_entries
     from .rundir import RunDir
 
-    run_ = RunDir(run_dir)
+    run_ = RunDir(target)
     if not run_.job_file.is_file():
-        raise SecurefedError(f"{run_dir} is not a securefed run directory (no job.toml)")
+        raise SecurefedError(f"{target} is not a securefed run directory (no job.toml)")
     config = load_job(run_.job_file)
-    rows = audit_ledgers(run_.ledger_dir, config.job_id, config.federation.clients)
+    rows = audit_ledgers(run_.ledger_dir, config.job_id, config.federation.clients, witnessed_entries(run_.records()))
     if as_json:
         print(json.dumps({"clients": [{**vars(r), "budget_left": r.budget_left} for r in rows], "ok": True}))
         return
-    table = Table(title=f"privacy ledgers of {run_dir}: intact")
+    table = Table(title=f"privacy ledgers of {target}: intact")
     for name in ("client", "rounds", "steps", "q", "σ", "ε (PRV)", "ε (RDP)", "δ", "budget left"):
         table.add_column(name, justify="right")
     for r in rows:
         table.add_row(str(r.client), str(r.rounds), str(r.steps), f"{r.q:.4g}", f"{r.sigma:.4f}",
                       f"{r.epsilon_prv:.4f}", f"{r.epsilon_rdp:.4f}", f"{r.delta:g}", f"{r.budget_left:.4f}")
     Console().print(table)
+
+
+def _empirical_audit(job_file: Path, as_json: bool, **options) -> None:
+    from .canary_run import run_with_canaries
+
+    config = load_job(job_file)
+    with _progress() as progress:
+        result = run_with_canaries(config, observer=ProgressObserver(progress), **options)
+    if as_json:
+        print(json.dumps(result.as_dict()))
+    else:
+        claimed = "∞ (no DP)" if result.epsilon_claimed == float("inf") else f"{result.epsilon_claimed:.4f}"
+        print(f"client {result.client}: {result.correct} of {result.guesses} guesses right about "
+              f"{result.canaries} canaries ({result.included} included); "
+              f"ε ≥ {result.epsilon_lower_bound:.4f} at {result.confidence:.0%} confidence; "
+              f"the accountant claims ε = {claimed} (δ = {result.delta:g})")
+    if result.refuted:
+        raise SecurefedError(f"the empirical lower bound {result.epsilon_lower_bound:.4f} exceeds the claimed ε "
+                             f"{result.epsilon_claimed:.4f}: this training leaks more than its accounting allows")
 
 
 secagg_app = typer.Typer(help="Secure aggregation tools.", no_args_is_help=True)

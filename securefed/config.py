@@ -32,6 +32,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name: str = Field("minilm", min_length=1,
                       description="a registered model name, or a path to a local Hugging Face directory")
+    dropout: float | None = Field(None, ge=0, lt=1, description="the rate of every dropout layer in the base "
+                                  "model while training (default: the model's own)")
 
 
 class LoraConfig(Section):
@@ -115,6 +117,9 @@ class FederationConfig(Section):
     learning_rate: float = Field(gt=0, le=10)
     learning_rate_decay: float = Field(1.0, gt=0, le=1, description="round r trains at learning_rate·decay^(r-1)")
     weight_decay: float = Field(0.0, ge=0, le=1)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="each client's local optimizer; a fresh "
+                                               "one every round. SGD (with momentum) suits DP-SGD better")
+    momentum: float = Field(0.9, ge=0, lt=1, description="for sgd")
     seed: int = Field(0, ge=0, lt=2**63)
 
     @model_validator(mode="after")

@@ -128,6 +128,10 @@ class TrainingWrapper(ABC):
         """The module to run forward and the optimizer to step for `round`."""
 
     @abstractmethod
+    def loss_scale(self, part: int, batch: int) -> float:
+        """The factor on the mean loss of `part` examples of a `batch`-example step (split for memory)."""
+
+    @abstractmethod
     def empty_step(self, optimizer) -> None:
         """A step for an empty batch (DP-SGD still adds its noise)."""
 

@@ -150,7 +150,8 @@ def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer |
     fed = task.config.federation
     training = LocalTraining(steps=fed.local_steps, batch_size=fed.batch_size, learning_rate=fed.learning_rate,
                              learning_rate_decay=fed.learning_rate_decay, weight_decay=fed.weight_decay,
-                             seed=fed.seed, group_by_length=fed.group_by_length)
+                             seed=fed.seed, group_by_length=fed.group_by_length, optimizer=fed.optimizer,
+                             momentum=fed.momentum)
     return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training,
                   secure_sum_client(task, cid), observer=observer, evaluate=task.evaluate,
                   wrapper=training_wrapper(task, cid, len(data), run))

@@ -118,6 +118,8 @@ class Server:
         spent = [r.metrics["epsilon"] for r in results.values() if "epsilon" in r.metrics]
         if spent:
             record["epsilon"] = max(spent)  # the largest ε any client has spent so far (its ledger has each)
+            record["ledger_entries"] = {str(cid): int(r.metrics["ledger_entries"]) for cid, r in sorted(results.items())
+                                        if "ledger_entries" in r.metrics}
         if aborted:
             record["aborted"] = aborted
         return model, record

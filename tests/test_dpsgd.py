@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_job
 
 from securefed.config import load_job
@@ -42,6 +43,23 @@ def test_every_client_spends_exactly_its_plan_and_the_ledgers_audit(job_file, fi
     assert all(r["contributors"] == 3 for r in finished.records)
     secret = finished.run.path / "secrets" / "dp"
     assert secret.stat().st_mode & 0o077 == 0  # the clients' sampling and noise seed: not for the server
+
+
+def test_a_ledger_cut_short_no_longer_matches_what_the_server_saw(job_file, finished, tmp_path):
+    import shutil
+
+    from securefed.privacy.audit import witnessed_entries
+    from securefed.privacy.ledger import LedgerError
+
+    seen = witnessed_entries(finished.records)
+    assert seen == {0: 3, 1: 3, 2: 3}
+    copy = shutil.copytree(finished.run.ledger_dir, tmp_path / "ledger")
+    audit_ledgers(copy, job_id(job_file), 3, seen)  # intact
+    path = copy / "client-1.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))  # the last round's entry removed
+    assert [r.rounds for r in audit_ledgers(copy, job_id(job_file), 3)] == [3, 2, 3]  # the chain alone: still valid
+    with pytest.raises(LedgerError, match=r"client-1.jsonl: holds 2 entries, but the server saw it reach 3"):
+        audit_ledgers(copy, job_id(job_file), 3, seen)
 
 
 def test_dp_changes_the_update_the_noise_is_not_the_job_seed(job_file, finished, tiny_model, sst2_sample, tmp_path):
@@ -104,3 +122,52 @@ def test_grouping_by_length_is_refused_with_dp(tmp_path, tiny_model, sst2_sample
     job = write_job(tmp_path, tiny_model, *sst2_sample, privacy=PRIVACY, federation={"group_by_length": True})
     with pytest.raises(ConfigError, match="federation.group_by_length: DP-SGD samples"):
         load_job(job)
+
+
+@pytest.mark.parametrize("private", [True, False], ids=["dp-sgd", "plain"])
+def test_a_batch_run_as_micro_batches_takes_the_same_step(tmp_path, tiny_model, sst2_sample, monkeypatch, private):
+    import securefed.client
+    from securefed.job import client_datasets, make_client
+
+    config = load_job(write_job(tmp_path, tiny_model, *sst2_sample, federation={"batch_size": 32},
+                                **({"privacy": PRIVACY} if private else {})))
+    config = config.model_copy(update={"model": config.model.model_copy(update={"dropout": 0.0})})
+    prepared = prepare(config, out=tmp_path / "run")
+    task = prepared.task
+    assert all(m.p == 0.0 for m in task.bundle.model.modules() if isinstance(m, torch.nn.Dropout))
+    client = make_client(task, 0, client_datasets(task)[0], run=prepared.run_dir)
+    start = task.bundle.view.get()
+    steps = {}
+    for budget in (10**6, 64):
+        monkeypatch.setattr(securefed.client, "_STEP_TOKENS", budget)
+        task.bundle.view.set(start)
+        client._train_locally(1)
+        steps[budget] = task.bundle.view.get() - start
+    assert len(client._micro_batches(np.arange(32))) > 1  # the small budget did split the batches
+    assert np.abs(steps[64]).max() > 1e-3
+    np.testing.assert_allclose(steps[64], steps[10**6], atol=1e-5)
+
+
+def test_the_base_model_keeps_its_own_dropout_unless_the_job_sets_it(tmp_path, tiny_model, sst2_sample):
+    config = load_job(write_job(tmp_path, tiny_model, *sst2_sample))
+    rates = {m.p for m in prepare(config, out=tmp_path / "run").task.bundle.model.modules()
+             if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.1}  # the tiny BERT's own hidden and attention dropout
+
+
+def test_sgd_steps_down_the_mean_gradient_of_the_batch(tmp_path, tiny_model, sst2_sample):
+    from securefed.job import client_datasets, make_client
+
+    config = load_job(write_job(tmp_path, tiny_model, *sst2_sample, federation={
+        "local_steps": 1, "optimizer": "sgd", "momentum": 0.0, "learning_rate": 0.5}))
+    config = config.model_copy(update={"model": config.model.model_copy(update={"dropout": 0.0})})
+    task = prepare(config, out=tmp_path / "run").task
+    client = make_client(task, 0, client_datasets(task)[0])
+    view, model = task.bundle.view, task.bundle.model
+    start = view.get()
+    model.train()
+    model(**task.collator.batch(client.data, client._batches(1)[0])).loss.backward()
+    gradient = torch.cat([p.grad.reshape(-1) for p in view.parameters]).numpy()
+    model.zero_grad(set_to_none=True)
+    client._train_locally(1)
+    np.testing.assert_allclose(view.get() - start, -0.5 * gradient, atol=1e-6)

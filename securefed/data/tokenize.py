@@ -26,6 +26,9 @@ class EncodedDataset(torch.utils.data.Dataset):
     def subset(self, indices: np.ndarray) -> EncodedDataset:
         return EncodedDataset([self.input_ids[i] for i in indices], self.labels[indices])
 
+    def extended(self, other: EncodedDataset) -> EncodedDataset:
+        return EncodedDataset(self.input_ids + other.input_ids, np.concatenate([self.labels, other.labels]))
+
 
 def encode(texts: Sequence[str], tokenizer, max_length: int, labels: np.ndarray) -> EncodedDataset:
     ids = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]

@@ -36,6 +36,10 @@ def build_model(model: ModelConfig, adapter: PeftConfig, label_names: list[str],
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         base, tokenizer = load_base(base_path, label_names)
+        if model.dropout is not None:
+            for layer in base.modules():
+                if isinstance(layer, torch.nn.Dropout):
+                    layer.p = model.dropout
         peft_model = attach(base, adapter)
     settings = json.dumps(adapter.model_dump(mode="json"), sort_keys=True)
     view = FlatView(peft_model, model_type=base.config.model_type, adapter=settings)

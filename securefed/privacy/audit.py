@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,23 @@ class ClientAudit:
         return self.target_epsilon - self.epsilon_prv
 
 
-def audit_ledgers(folder: Path, job: bytes, clients: int) -> list[ClientAudit]:
-    """Audit `client-<i>.jsonl` for every client; raise LedgerError, naming the file and line, on any fault."""
+def witnessed_entries(records: Iterable[Mapping]) -> dict[int, int]:
+    """How many entries the server saw each client's ledger reach, from the run's round records."""
+    seen: dict[int, int] = {}
+    for record in records:
+        for client, entries in record.get("ledger_entries", {}).items():
+            seen[int(client)] = max(seen.get(int(client), 0), int(entries))
+    return seen
+
+
+def audit_ledgers(folder: Path, job: bytes, clients: int, witnessed: Mapping[int, int] | None = None
+                  ) -> list[ClientAudit]:
+    """Audit `client-<i>.jsonl` for every client; raise LedgerError, naming the file and line, on any fault.
+
+    `witnessed` (from `witnessed_entries`) anchors each chain's end: a ledger shorter than the server saw
+    has lost its last lines, which the chain alone cannot show.
+    """
+    witnessed = witnessed or {}
     if not folder.is_dir():
         raise LedgerError(f"{folder}: no privacy ledgers (the job did not use differential privacy)")
     stray = sorted(p.name for p in folder.iterdir() if p.suffix == ".jsonl"
@@ -41,6 +57,9 @@ def audit_ledgers(folder: Path, job: bytes, clients: int) -> list[ClientAudit]:
     for client in range(clients):
         path = folder / f"client-{client}.jsonl"
         entries = read(path, job, client) if path.exists() else []
+        if witnessed.get(client, 0) > len(entries):
+            raise LedgerError(f"{path}: holds {len(entries)} entries, but the server saw it reach "
+                              f"{witnessed[client]}: its last lines were removed")
         if not entries:
             continue
         deltas = {e.delta for e in entries}

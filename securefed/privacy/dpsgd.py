@@ -52,7 +52,9 @@ def private_module(model: torch.nn.Module, probe: dict[str, torch.Tensor]) -> Gr
     gets a gradient per example, before any client trains.
     """
     try:
-        module = GradSampleModule(model, strict=True)
+        # Losses are summed over examples: a step's batch may run as several micro-batches of
+        # similar length, and DPOptimizer divides by the expected batch size.
+        module = GradSampleModule(model, strict=True, loss_reduction="sum")
     except (NotImplementedError, ValueError) as exc:
         raise ModelError(f"DP-SGD cannot run on this model: {exc}".splitlines()[0]) from None
     examples = len(probe["input_ids"])
@@ -73,6 +75,17 @@ def private_module(model: torch.nn.Module, probe: dict[str, torch.Tensor]) -> Gr
         raise ModelError(f"DP-SGD needs per-example gradients, which Opacus cannot compute for {failure}: "
                          "use LoRA or prefix tuning with privacy")
     return module
+
+
+class _PoissonBatchOptimizer(DPOptimizer):
+    """DP-SGD on the mean over the expected batch size, however many micro-batches the batch ran as.
+
+    Opacus's own "mean" reduction would divide again by the number of backward passes.
+    """
+
+    def scale_grad(self) -> None:
+        for p in self.params:
+            p.grad /= self.expected_batch_size
 
 
 class DPSGD(TrainingWrapper):
@@ -114,9 +127,12 @@ class DPSGD(TrainingWrapper):
 
     def wrap(self, model, optimizer, round: int):
         generator = torch.Generator().manual_seed(stream_seed(self.settings.secret, "noise", round, self.cid))
-        return self.module, DPOptimizer(optimizer, noise_multiplier=self.sigma,
-                                        max_grad_norm=self.settings.max_grad_norm,
-                                        expected_batch_size=self.settings.batch_size, generator=generator)
+        return self.module, _PoissonBatchOptimizer(
+            optimizer, noise_multiplier=self.sigma, max_grad_norm=self.settings.max_grad_norm,
+            expected_batch_size=self.settings.batch_size, loss_reduction="sum", generator=generator)
+
+    def loss_scale(self, part: int, batch: int) -> float:
+        return float(part)  # the sum over the part's examples: Opacus wants per-example sums
 
     def empty_step(self, optimizer) -> None:
         for p in optimizer.params:
@@ -133,7 +149,8 @@ class DPSGD(TrainingWrapper):
             os.fsync(fh.fileno())
         os.replace(tmp, self.releases)
         entry = self.ledger.append(round, self.spend_per_round, self.settings.delta, self.settings.epsilon)
-        return {"epsilon": entry.epsilon}
+        # the server records how long each ledger has grown: a ledger cut short later no longer matches
+        return {"epsilon": entry.epsilon, "ledger_entries": float(len(self.ledger.entries))}
 
 
 def _digest(weights: np.ndarray) -> bytes:

@@ -8,7 +8,7 @@ dropout for that exchange; the job carries on.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import numpy as np
 from .. import job as jobs
 from ..client import Client
 from ..config import JobConfig
+from ..data import EncodedDataset
 from ..errors import ProtocolError, RunDirError, SecurefedError
 from ..interfaces import Exchange, Grid, Observer
 from ..protocol import Message, PlainModel, decode, encode
@@ -87,12 +88,16 @@ def prepare(config: JobConfig, *, out: Path | None = None, resume: Path | None =
     return PreparedRun(config, task, run_dir or RunDir.create(config, out), resuming=resume is not None)
 
 
-def execute(prepared: PreparedRun, *, observer: Observer | None = None, faults: FaultHook | None = None) -> RunResult:
-    """Run the job's remaining rounds, then write the model and the report."""
+def execute(prepared: PreparedRun, *, observer: Observer | None = None, faults: FaultHook | None = None,
+            datasets: Sequence[EncodedDataset] | None = None) -> RunResult:
+    """Run the job's remaining rounds, then write the model and the report.
+
+    `datasets` replaces the clients' partitions of the job's data (the empirical audit adds canaries).
+    """
     config, task, run_dir = prepared.config, prepared.task, prepared.run_dir
     observer = observer or Observer()
     clients = {cid: jobs.make_client(task, cid, data, observer, run_dir)
-               for cid, data in enumerate(jobs.client_datasets(task))}
+               for cid, data in enumerate(datasets if datasets is not None else jobs.client_datasets(task))}
     server = jobs.make_server(task, LocalGrid(clients, faults), run_dir, observer)
 
     model, start = PlainModel(weights=task.bundle.view.get()), 1
