@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -40,7 +41,8 @@ def epsilon_prv(schedule: Sequence[Spend], delta: float) -> float:
         return 0.0
     accountant = PRVAccountant()
     accountant.history = _history(schedule)
-    return float(accountant.get_epsilon(delta, eps_error=PRV_ERROR))
+    with np.errstate(divide="ignore"):  # log(1 − q) at q = 1 (a client smaller than its batch): a harmless −inf
+        return float(accountant.get_epsilon(delta, eps_error=PRV_ERROR))
 
 
 def epsilon_rdp(schedule: Sequence[Spend], delta: float) -> float:
