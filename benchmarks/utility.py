@@ -4,7 +4,10 @@ Every run is the private example's job with 10 clients (Dirichlet α = 0.5) unde
 [privacy].epsilon; ε = ∞ drops [privacy] and trains without clipping or noise, with the same batches,
 steps and learning rates. The ε = ∞ run is the baseline, measured in the same invocation.
 
-    python benchmarks/utility.py [JOB.toml] [--epsilons 1,3,8,inf] [--plot utility.png]   # JSON on stdout
+    python benchmarks/utility.py [JOB.toml] [--epsilons 1,3,8,inf] [--workers 2] [--plot utility.png]
+
+JSON goes to stdout. With --workers N, N runs go at once, each on cores/N threads: the runs are independent,
+and a small model uses two threads poorly.
 """
 
 from __future__ import annotations
@@ -12,12 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import torch
+
 from securefed.config import load_job
+from securefed.interfaces import Observer
 from securefed.privacy.audit import audit_ledgers
 from securefed.runtime.local import run
 
@@ -30,9 +39,21 @@ def variant(job, epsilon: float, overrides: dict):
     return job.model_copy(update={"name": f"{job.name}-eps-{epsilon:g}", "federation": fed, "privacy": privacy})
 
 
-def one_run(job, out: Path) -> dict:
+class RoundPrinter(Observer):
+    """Each round's accuracy on stderr as it lands: a run takes many minutes."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def round_finished(self, record) -> None:
+        print(f"{self.name}: round {record['round']} dev accuracy {record['dev_accuracy']:.4f}", file=sys.stderr,
+              flush=True)
+
+
+def one_run(job, out: Path, threads: int) -> dict:
+    torch.set_num_threads(threads)
     started = time.perf_counter()
-    result = run(job, out=out)
+    result = run(job, out=out, observer=RoundPrinter(job.name))
     row = {"dev_accuracy": result.records[-1]["dev_accuracy"],
            "per_round": [r["dev_accuracy"] for r in result.records],
            "seconds": round(time.perf_counter() - started, 1)}
@@ -40,6 +61,7 @@ def one_run(job, out: Path) -> dict:
         audits = audit_ledgers(result.run.ledger_dir, job.job_id, job.federation.clients)
         row["epsilon_spent_max"] = round(max(a.epsilon_prv for a in audits), 4)
         row["sigma"] = [round(a.sigma, 3) for a in audits]
+    print(f"{job.name}: {row}", file=sys.stderr, flush=True)
     return row
 
 
@@ -71,6 +93,7 @@ def main() -> int:
     parser.add_argument("--local-steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--workers", type=int, default=1, help="runs at once (each gets cores/workers threads)")
     parser.add_argument("--plot", type=Path, default=Path("utility.png"))
     args = parser.parse_args()
     job = load_job(args.job)
@@ -81,11 +104,12 @@ def main() -> int:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     epsilons = [float(e) for e in args.epsilons.split(",")]
-    rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for epsilon in epsilons:
-            rows[f"{epsilon:g}"] = one_run(variant(job, epsilon, overrides), Path(tmp) / f"eps-{epsilon:g}")
-            print(f"ε={epsilon:g}: {rows[f'{epsilon:g}']}", file=sys.stderr, flush=True)
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
+            args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {f"{e:g}": pool.submit(one_run, variant(job, e, overrides), Path(tmp) / f"eps-{e:g}", threads)
+                   for e in epsilons}
+        rows = {label: future.result() for label, future in futures.items()}
     plot(rows, args.plot)
     report = {"job": str(args.job), "overrides": overrides, "results": rows, "plot": str(args.plot)}
     if "inf" in rows:

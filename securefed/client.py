@@ -154,7 +154,7 @@ class Client:
 
         DP-SGD's Poisson batches are large and mix lengths: padded together, SST-2 costs about 4x.
         """
-        lengths = np.array([len(self.data.input_ids[i]) for i in indices])
+        lengths = self.data.lengths[indices]
         if len(indices) * lengths.max() <= _STEP_TOKENS:
             return [indices]
         order = np.argsort(lengths, kind="stable")
@@ -182,7 +182,7 @@ class Client:
 
         The same examples are seen, with far less padding and so far less compute.
         """
-        lengths = np.array([len(self.data.input_ids[i]) for i in order])
+        lengths = self.data.lengths[order]
         span = size * _LENGTH_GROUP
         runs = []
         for start in range(0, len(order), span):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +20,11 @@ class EncodedDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @functools.cached_property
+    def lengths(self) -> np.ndarray:
+        """Each example's token count."""
+        return np.array([len(ids) for ids in self.input_ids], dtype=np.int64)
 
     def __getitem__(self, i: int) -> tuple[list[int], int]:
         return self.input_ids[i], int(self.labels[i])

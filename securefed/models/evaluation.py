@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,19 +18,29 @@ class Evaluation:
     examples: int
 
 
-def evaluate(model: torch.nn.Module, dataset: EncodedDataset, collator: PadCollator, batch_size: int) -> Evaluation:
-    # Batches of similar length waste little on padding; the order does not change the result.
-    order = np.argsort([len(ids) for ids in dataset.input_ids], kind="stable")
+def predictions(model: torch.nn.Module, dataset: EncodedDataset, collator: PadCollator,
+                batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """(indices, logits, labels) batch by batch, in eval and inference mode until the iteration ends (the caller's
+    code between batches too); the model's mode is then restored. Batches hold examples of similar length, so
+    little goes on padding; callers place results by the yielded indices."""
+    order = np.argsort(dataset.lengths, kind="stable")
     was_training = model.training
     model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                indices = order[start : start + batch_size]
+                batch = collator.batch(dataset, indices)
+                labels = batch.pop("labels")
+                yield indices, model(**batch).logits, labels
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: torch.nn.Module, dataset: EncodedDataset, collator: PadCollator, batch_size: int) -> Evaluation:
     loss_sum, correct = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = collator.batch(dataset, order[start : start + batch_size])
-            labels = batch.pop("labels")
-            logits = model(**batch).logits
-            loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            correct += int((logits.argmax(-1) == labels).sum())
-    model.train(was_training)
-    n = len(order)
+    for _, logits, labels in predictions(model, dataset, collator, batch_size):
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(-1) == labels).sum())
+    n = len(dataset)
     return Evaluation(loss=loss_sum / n, accuracy=correct / n, examples=n)

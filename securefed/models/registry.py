@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
+from .pooling import use_sentence_pooling
 
 
 def _minilm() -> Path:
@@ -67,4 +68,5 @@ def load_base(path: Path, label_names: list[str]):
             raise ModelError(f"tokenizer in {path} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+    use_sentence_pooling(model, path)
     return model, tokenizer

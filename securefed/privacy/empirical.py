@@ -17,6 +17,7 @@ import torch
 from scipy.stats import binom
 
 from ..data import EncodedDataset, PadCollator, encode
+from ..models.evaluation import predictions
 
 CANARY_TOKENS = 12  # random tokens drawn per canary
 
@@ -45,19 +46,12 @@ def label_margins(model: torch.nn.Module, data: EncodedDataset, collator: PadCol
 
     The loss, log(1 + e^−margin) for two labels, flattens out once an example is fitted; the margin does not.
     """
-    was_training = model.training
-    model.eval()
-    margins = []
-    with torch.inference_mode():
-        for start in range(0, len(data), batch_size):
-            batch = collator.batch(data, np.arange(start, min(start + batch_size, len(data))))
-            labels = batch.pop("labels")
-            logits = model(**batch).logits
-            own = logits.gather(1, labels[:, None])[:, 0]
-            others = logits.scatter(1, labels[:, None], float("-inf")).logsumexp(1)
-            margins.append(own - others)
-    model.train(was_training)
-    return torch.cat(margins).numpy()
+    margins = np.empty(len(data))
+    for indices, logits, labels in predictions(model, data, collator, batch_size):
+        own = logits.gather(1, labels[:, None])[:, 0]
+        others = logits.scatter(1, labels[:, None], float("-inf")).logsumexp(1)
+        margins[indices] = (own - others).numpy()
+    return margins
 
 
 def centered_by_label(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
