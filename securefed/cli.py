@@ -145,7 +145,10 @@ def audit(
     for r in rows:
         table.add_row(str(r.client), str(r.rounds), str(r.steps), f"{r.q:.4g}", f"{r.sigma:.4f}",
                       f"{r.epsilon_prv:.4f}", f"{r.epsilon_rdp:.4f}", f"{r.delta:g}", f"{r.budget_left:.4f}")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: rich assumes 80 columns and would cut the numbers short
+        console = Console(width=120)
+    console.print(table)
 
 
 def _empirical_audit(job_file: Path, as_json: bool, **options) -> None:

@@ -60,8 +60,7 @@ def _aggregation(job: JobConfig, records: Sequence[dict]) -> str:
                 "update or the model in clear; a client evaluated each round. The server together with any one "
                 f"client could decrypt.{cost}")
     return (f"- Aggregation: FedAvg over SecAgg+ ({job.secagg_degree} neighbours per client, threshold "
-            f"{job.secagg_threshold}): the server saw only the sum of the updates, never one update.{cost} "
-            "No differential privacy yet.")
+            f"{job.secagg_threshold}): the server saw only the sum of the updates, never one update.{cost}")
 
 
 def _privacy(job: JobConfig, records: Sequence[dict]) -> str:
