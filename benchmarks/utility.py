@@ -73,7 +73,8 @@ def plot(rows: dict[str, dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, row in rows.items():
-        ax.plot(range(1, len(row["per_round"]) + 1), row["per_round"], marker="o", label=f"ε = {label}")
+        name = "∞" if label == "inf" else label
+        ax.plot(range(1, len(row["per_round"]) + 1), row["per_round"], marker="o", label=f"ε = {name}")
     ax.set_xlabel("round")
     ax.set_ylabel("SST-2 dev accuracy")
     ax.set_title("Accuracy under DP-SGD, 10 clients, SecAgg+")
