@@ -84,8 +84,11 @@ def test_help(tmp_path, args):
 
 def test_ctrl_c_says_how_to_resume_and_resume_finishes(tmp_path, tiny_model, sst2_sample):
     write_job(tmp_path, tiny_model, *sst2_sample, federation={"rounds": 10, "local_steps": 10})
+    # A shell that starts pytest in the background makes it, and so the child, ignore SIGINT; a user's Ctrl-C is
+    # not ignored, so the child gets the default handling back.
     proc = subprocess.Popen([sys.executable, "-m", "securefed.cli", "run", "job.toml", "--out", "run"], cwd=tmp_path,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "120"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "120"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = []
         for line in proc.stderr:  # bounded: the job ends by itself after 10 short rounds
