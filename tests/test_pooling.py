@@ -41,7 +41,8 @@ def test_a_model_without_a_pooling_config_keeps_its_own_pooler(tiny_model):
     assert type(model.bert.pooler).__name__ == "BertPooler"
 
 
-def test_an_unreadable_pooling_config_is_a_model_error(mean_pooled_model):
-    (mean_pooled_model / "1_Pooling" / "config.json").write_text("{not json")
+@pytest.mark.parametrize("text", ["{not json", "[]"])
+def test_an_unreadable_pooling_config_is_a_model_error(mean_pooled_model, text):
+    (mean_pooled_model / "1_Pooling" / "config.json").write_text(text)
     with pytest.raises(ModelError, match="unreadable sentence-transformers pooling config"):
         load_base(mean_pooled_model, ["neg", "pos"])

@@ -42,6 +42,8 @@ def _mean_pooled(folder: Path) -> bool:
         return False
     except (OSError, ValueError) as exc:
         raise ModelError(f"{folder}: unreadable sentence-transformers pooling config: {exc}") from None
+    if not isinstance(pooling, dict):
+        raise ModelError(f"{folder}: unreadable sentence-transformers pooling config: not a JSON object")
     return bool(pooling.get("pooling_mode_mean_tokens"))
 
 
