@@ -89,6 +89,11 @@ def run(
                       markup=False, highlight=False)
         raise typer.Exit(130) from None
     console.print(_summary(result.records))
+    if result.watermarks:
+        owned = sum(v["verdict"] == "owned" for v in result.watermarks)
+        keys = "the job's key files" if config.watermark.keys else prepared.run_dir.keys_dir
+        console.print(f"watermarks: {owned} of {len(result.watermarks)} clients' keys verify on the final model "
+                      f"(keys: {keys})", markup=False, highlight=False)
     console.print(f"done: {where / 'report.md'}", markup=False, highlight=False)
 
 
@@ -186,6 +191,82 @@ def secagg_identities(
     console.print(f"wrote {clients} identities to {out}. Give each client its client-<i>.key only; every party gets "
                   "all client-<i>.pub files. In the job file:", markup=False, highlight=False)
     print(f'[secagg]\nmode = "secaggplus"\nhardened = true\nidentities = "{out}"')
+
+
+watermark_app = typer.Typer(help="Ownership watermarks: make keys, verify a model.", no_args_is_help=True)
+app.add_typer(watermark_app, name="watermark")
+
+
+@watermark_app.command("keygen")
+def watermark_keygen(
+    owner: Annotated[str, typer.Option("--owner", help="the owner's name, as it will appear in verdicts")],
+    out: Annotated[Path, typer.Option("--out", help="the keys folder (kept apart from any model)")],
+    model: Annotated[str, typer.Option("--model", help="the base model the job trains")] = "minilm",
+    blocks: Annotated[int, typer.Option("--blocks", min=1, help="carrier: normalization scales of this many "
+                                        "last blocks (the same for every client of a job)")] = 2,
+    bits: Annotated[int, typer.Option("--bits", min=16, help="watermark bits")] = 64,
+    triggers: Annotated[int, typer.Option("--triggers", min=0, help="trigger inputs (0: none)")] = 32,
+) -> None:
+    """Make a watermark key: an Ed25519 identity, a secret seed, and the carrier it marks."""
+    from .watermark.feature import base_carrier
+    from .watermark.keys import WatermarkKey, file_name
+
+    with console.status(f"reading the carrier of {model}"):
+        carrier = base_carrier(model, blocks)
+    key = WatermarkKey.generate(owner, carrier, bits=bits, triggers=triggers)
+    path = out / file_name(owner)
+    key.save(path)
+    console.print(f"wrote {path}: owner {key.owner!r}, identity {key.fingerprint}, {key.bits} bits in "
+                  f"{carrier.size} scales of {len(carrier.parameters)} layers, {key.triggers} triggers. Keep it "
+                  "secret and apart from the model; name it in the job file:", markup=False, highlight=False)
+    print(f'[watermark]\nkeys = ["{path}", ...]  # one per client, in client order')
+
+
+@watermark_app.command("verify")
+def watermark_verify(
+    model: Annotated[Path, typer.Option("--model", help="a model folder: a peft adapter (a run's model/) or a "
+                                        "merged model")],
+    key: Annotated[Path, typer.Option("--key", help="a watermark key file")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0,
+                                             help="'owned' when the p-value is at most this")] = 1e-9,
+) -> None:
+    """Check a key's watermark in a model: matched bits and triggers, their p-values, and a verdict.
+    Exits 0 when owned, 1 when not."""
+    from .models.saved import load_merged
+    from .watermark.feature import base_scales
+    from .watermark.keys import WatermarkKey
+    from .watermark.verify import verify
+
+    wkey = WatermarkKey.load(key)
+    with console.status("loading the model and its base"):
+        loaded, tokenizer = load_merged(model)
+        base = base_scales(wkey)
+    verdict = verify(loaded, tokenizer, wkey, base, threshold=threshold)
+    if as_json:
+        print(json.dumps(verdict.as_dict()))
+    else:
+        triggers = ("no triggers" if verdict.matched_triggers is None else
+                    f"triggers {verdict.matched_triggers}/{verdict.triggers} (p = {verdict.triggers_p:.3g})")
+        print(f"{verdict.owner} (identity {verdict.identity}): bits {verdict.matched_bits}/{verdict.bits} "
+              f"(p = {verdict.bits_p:.3g}), {triggers}")
+        print(f"verdict: {'owned' if verdict.owned else 'not owned'} (p = {verdict.p_value:.3g}, threshold "
+              f"{threshold:g})")
+    if not verdict.owned:
+        raise typer.Exit(1)
+
+
+@app.command()
+def merge(
+    model: Annotated[Path, typer.Argument(help="a peft adapter folder (a run's model/)")],
+    out: Annotated[Path, typer.Option("--out", help="an empty folder for the merged model")],
+) -> None:
+    """Merge an adapter into its base: one model folder that loads with from_pretrained alone."""
+    from .models.saved import merge_adapter
+
+    with console.status("merging"):
+        merge_adapter(model, out)
+    console.print(f"wrote {out}", markup=False, highlight=False)
 
 
 def _summary(records: Sequence[Mapping]) -> Table:

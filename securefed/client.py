@@ -15,6 +15,7 @@ from .interfaces import LossTerm, Observer, SumClient, TrainingWrapper
 from .models import Evaluation, FlatView
 from .protocol import EvaluateIns, EvaluateRes, Message, TrainIns, TrainRes
 from .seeding import stream, stream_seed
+from .weighting import BY_EXAMPLES, Weighting
 
 _LENGTH_GROUP = 50  # batches re-cut together when grouping by length
 _STEP_TOKENS = 4096  # a step's batch padded past this runs as micro-batches of similar length
@@ -50,6 +51,7 @@ class Client:
         observer: Observer | None = None,
         evaluate: Callable[[np.ndarray], Evaluation] | None = None,
         wrapper: TrainingWrapper | None = None,
+        weighting: Weighting = BY_EXAMPLES,
     ):
         self.cid = cid
         self.model = model
@@ -62,6 +64,7 @@ class Client:
         self.observer = observer or Observer()
         self.evaluate = evaluate
         self.wrapper = wrapper
+        self.weighting = weighting
 
     @property
     def examples(self) -> int:
@@ -83,7 +86,8 @@ class Client:
         return self.secure_sum.open_model(model, self.view.size)
 
     def train(self, ins: TrainIns) -> TrainRes:
-        """Train from the global weights; the update n_k·(θ_local − θ_global) and n_k go into the secure sum."""
+        """Train from the global weights; the update n_k·(θ_local − θ_global) (per-client entries unweighted) and
+        n_k go into the secure sum."""
         started = time.perf_counter()
         weights = self.open(ins.model, ins.spec, ins.round)
         metrics: dict[str, float] = {}
@@ -91,9 +95,7 @@ class Client:
         if vector is None:
             self.view.set(weights)
             metrics["loss"] = float(np.mean(self._train_locally(ins.round)))
-            n = float(self.examples)
-            update = (self.view.get() - weights) * np.float32(n)
-            vector = np.append(update, np.float32(n)).astype(np.float32)
+            vector = self.weighting.contribution(self.view.get() - weights, self.examples)
             if self.wrapper:
                 metrics.update(self.wrapper.commit(ins.round, weights, vector))
         metrics["seconds"] = time.perf_counter() - started
@@ -116,6 +118,8 @@ class Client:
             batches = self.wrapper.batches(round, self.examples, cfg.steps)
             module, optimizer = self.wrapper.wrap(self.model, optimizer, round)
         losses = []
+        for term in self.loss_terms:
+            term.begin_round()
         self.model.train()
         # Dropout draws from torch's global generator: seed it per (round, client), then restore it.
         with torch.random.fork_rng(devices=[]):
@@ -129,8 +133,6 @@ class Client:
                     batch = self.collator.batch(self.data, part)
                     outputs = module(**batch)
                     loss = outputs.loss
-                    for term in self.loss_terms:
-                        loss = loss + term(self.model, batch, outputs)
                     scale = (self.wrapper.loss_scale(len(part), len(indices)) if self.wrapper
                              else len(part) / len(indices))
                     (loss * scale).backward()
@@ -146,8 +148,24 @@ class Client:
         learning rate whatever its gradient's sign-to-noise; SGD moves it in proportion, so noise averages out."""
         cfg, lr = self.training, self.training.learning_rate_at(round)
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(self.view.parameters, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(self.view.parameters, lr=lr, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.SGD(self.view.parameters, lr=lr, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(self.view.parameters, lr=lr, weight_decay=cfg.weight_decay)
+        if self.loss_terms:
+            # DP-SGD's optimizer steps this one after clipping and noising: the terms join the gradient there.
+            optimizer.register_step_pre_hook(lambda *_: self._add_loss_terms())
+        return optimizer
+
+    def _add_loss_terms(self) -> None:
+        """Add the gradient of the loss terms, which read parameters only, never an example; so they cost no
+        privacy, and clipping does not dilute them."""
+        with torch.enable_grad():
+            total = sum(term() for term in self.loss_terms)
+        grads = torch.autograd.grad(total, self.view.parameters, allow_unused=True)
+        for p, grad in zip(self.view.parameters, grads):
+            if grad is not None:
+                p.grad = grad if p.grad is None else p.grad + grad
 
     def _micro_batches(self, indices: np.ndarray) -> list[np.ndarray]:
         """The batch as is if it pads small, else cut by length so that little compute goes on padding.

@@ -184,6 +184,36 @@ class PrivacyConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="per-example clipping bound")
 
 
+class WatermarkConfig(Section):
+    """Every client embeds its own watermark: FedIPR bits in the normalization scales of the last blocks, and a
+    trigger set. Keys stay apart from the model."""
+
+    keys: list[FilePath] | None = Field(None, description="one key file per client, in client order (made by "
+                                        "`securefed watermark keygen`); default: keys made into the run's keys/")
+    blocks: int | None = Field(None, ge=1, le=10_000, description="made keys: the carrier is the normalization "
+                               "scales of this many last blocks (default 2)")
+    bits: int | None = Field(None, ge=16, le=65_536, description="made keys: bits per client (default 64)")
+    triggers: int | None = Field(None, ge=0, le=100_000, description="made keys: trigger inputs per client "
+                                 "(default 32; 0: none)")
+    trigger_rate: float = Field(0.02, ge=0, lt=0.5, description="the share of a client's training examples that "
+                                "are its trigger inputs")
+    weight: float = Field(1.0, gt=0, le=1e4, description="α, the weight of the bits' hinge loss")
+    margin: float = Field(0.2, gt=0, le=100, description="m: the hinge pushes each projection this far past zero")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_or_settings(cls, data: Any) -> Any:
+        """Key files carry their own carrier, bits and triggers; only made keys take them from here."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("keys") is None:
+            return {"blocks": 2, "bits": 64, "triggers": 32, **data}
+        fixed = sorted({"blocks", "bits", "triggers"} & set(data))
+        if fixed:
+            raise ValueError(f"{fixed[0]} is a property of the key files: leave it out when keys are given")
+        return data
+
+
 class OutputConfig(Section):
     dir: FilePath | None = Field(None, description="default: runs/<name> in the current directory")
 
@@ -197,6 +227,7 @@ class JobConfig(Section):
     federation: FederationConfig
     secagg: SecAggConfig = SecAggPlusConfig(mode="secaggplus")
     privacy: PrivacyConfig | None = None
+    watermark: WatermarkConfig | None = None
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -205,6 +236,10 @@ class JobConfig(Section):
         if self.privacy is not None and fed.group_by_length:
             raise ValueError("federation.group_by_length: DP-SGD samples each batch at random (Poisson sampling), "
                              "which grouping by length would undo; set it to false")
+        if self.watermark is not None and self.watermark.keys is not None \
+                and len(self.watermark.keys) != fed.clients:
+            raise ValueError(f"watermark.keys: {len(self.watermark.keys)} key files for {fed.clients} clients; "
+                             "name one per client")
         if self.secagg.mode != "none" and fed.clients < 2:
             raise ValueError("secagg: secure aggregation needs at least 2 clients")
         if self.secagg.mode == "ckks" and fed.clients > 1500:
@@ -298,10 +333,15 @@ def _resolve_paths(job: JobConfig, base_dir: Path, source: str) -> JobConfig:
     secagg = job.secagg
     if getattr(secagg, "identities", None) is not None:
         secagg = secagg.model_copy(update={"identities": absolute(secagg.identities, "secagg.identities")})
+    watermark = job.watermark
+    if watermark is not None and watermark.keys is not None:
+        keys = [absolute(k, f"watermark.keys[{i}]") for i, k in enumerate(watermark.keys)]
+        watermark = watermark.model_copy(update={"keys": keys})
     model = job.model
     if _is_path(model.name):
         model = model.model_copy(update={"name": str(absolute(Path(model.name), "model.name"))})
-    return job.model_copy(update={"data": data, "output": output, "model": model, "secagg": secagg})
+    return job.model_copy(update={"data": data, "output": output, "model": model, "secagg": secagg,
+                                  "watermark": watermark})
 
 
 def _is_path(name: str) -> bool:

@@ -35,3 +35,7 @@ class RoundAborted(SecurefedError):
 
 class SetupFailed(SecurefedError):
     """The secure-sum setup could not complete, so no round can run."""
+
+
+class WatermarkError(SecurefedError):
+    """A watermark key is missing, malformed, altered, or made for another model."""

@@ -94,13 +94,17 @@ class SumServer(ABC):
 
 
 class LossTerm(ABC):
-    """An extra term of a client's local loss, added to the task loss for every batch."""
+    """An extra term of a client's local loss that reads the model's parameters only, never an example (a
+    watermark). Its gradient joins every step after any DP-SGD clipping and noise."""
 
     name: str
 
+    def begin_round(self) -> None:  # noqa: B027 - most terms need no notice of a new round
+        """Called before each round's local training, with the global weights in place."""
+
     @abstractmethod
-    def __call__(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], outputs) -> torch.Tensor:
-        """A scalar tensor to add to the loss."""
+    def __call__(self) -> torch.Tensor:
+        """A scalar tensor, differentiable in the parameters it reads."""
 
 
 class TrainingWrapper(ABC):

@@ -30,6 +30,11 @@ from .secagg.plaintext import PlainSumClient, PlainSumServer
 from .secagg.secaggplus import SecAggPlusClient, SecAggPlusServer, SecAggPlusSettings
 from .seeding import stream_seed
 from .server import Schedule, Server
+from .watermark.feature import FeatureWatermark, check_capacity, check_carrier, describe_carrier, scale_values
+from .watermark.keys import SUFFIX, Carrier, WatermarkKey
+from .watermark.trigger import mix, trigger_set
+from .watermark.verify import Verdict, verify
+from .weighting import BY_EXAMPLES, Weighting
 
 
 @dataclass
@@ -45,6 +50,10 @@ class Task:
     secagg: SecAggPlusSettings | CkksSettings | None = None
     identity_keys: dict[int, Ed25519PrivateKey] = field(default_factory=dict)  # when the job lists identities
     private_module: object | None = None  # Opacus's per-example-gradient wrapper of the model, under DP-SGD
+    carrier: Carrier | None = None  # the watermark's normalization scales, when the job has watermarks
+    carrier_base: np.ndarray | None = None  # their values in the base model
+    watermark_keys: list[WatermarkKey] = field(default_factory=list)  # the keys the job file names, if any
+    weighting: Weighting = BY_EXAMPLES  # the carrier averages over clients, the rest over examples
 
     def evaluate(self, weights: np.ndarray) -> Evaluation:
         self.bundle.view.set(weights)
@@ -53,7 +62,10 @@ class Task:
 
 def load_task(config: JobConfig) -> Task:
     splits = load_splits(config.data)
-    bundle = build_model(config.model, config.peft, splits.label_names, stream_seed(config.federation.seed, "init"))
+    keys = [WatermarkKey.load(path) for path in config.watermark.keys or ()] if config.watermark else []
+    blocks = keys[0].carrier.blocks if keys else config.watermark.blocks if config.watermark else 0
+    bundle = build_model(config.model, config.peft, splits.label_names, stream_seed(config.federation.seed, "init"),
+                         carrier_blocks=blocks)
     max_length = config.data.max_length
     positions = bundle.max_positions - getattr(config.peft, "virtual_tokens", 0)
     if max_length > positions:
@@ -62,11 +74,21 @@ def load_task(config: JobConfig) -> Task:
     train = encode(splits.train.texts, bundle.tokenizer, max_length, splits.train.labels)
     dev = encode(splits.dev.texts, bundle.tokenizer, max_length, splits.dev.labels)
     task = Task(config, splits, bundle, train, dev, PadCollator(bundle.tokenizer.pad_token_id))
+    if config.watermark is not None:
+        task.carrier = describe_carrier(config.model.name, bundle.model, blocks, bundle.carrier)
+        task.carrier_base = scale_values(bundle.model, task.carrier)
+        for path, key in zip(config.watermark.keys or (), keys):
+            check_carrier(key, task.carrier, str(path))
+        task.watermark_keys = keys
+        bits = [key.bits for key in keys] or [config.watermark.bits] * config.federation.clients
+        check_capacity(bits, task.carrier)
+    if bundle.carrier:
+        task.weighting = Weighting(bundle.carrier_mask)
     if isinstance(config.secagg, SecAggPlusConfig):
         task.secagg = secaggplus_settings(config)
     elif isinstance(config.secagg, CkksConfig):
-        task.secagg = ckks_settings(config)
-        entries = bundle.view.size + 1
+        task.secagg = ckks_settings(config, task.weighting)
+        entries = bundle.view.size + 2  # and n_k, and a count
         if -(-entries // ckks.SLOTS) * 140_000 > DEFAULT_MAX_BYTES:  # ~131 KB per ciphertext chunk
             raise ConfigError(f"secagg: the model has {bundle.view.size:,} trainable values; its CKKS ciphertexts "
                               "would exceed the 256 MiB message limit (about 7.6 million values)")
@@ -97,9 +119,9 @@ def _identities(config: JobConfig) -> tuple[tuple[bytes, ...], bytes]:
     return identities, hashlib.sha256(config.job_id + b"".join(identities)).digest()
 
 
-def ckks_settings(config: JobConfig) -> CkksSettings:
+def ckks_settings(config: JobConfig, weighting: Weighting = BY_EXAMPLES) -> CkksSettings:
     identities, job = _identities(config)
-    return CkksSettings(job=job, clients=config.federation.clients, identities=identities)
+    return CkksSettings(job=job, clients=config.federation.clients, identities=identities, weighting=weighting)
 
 
 def secure_sum_server(task: Task) -> SumServer:
@@ -145,22 +167,61 @@ def training_wrapper(task: Task, cid: int, examples: int, run: RunDir | None) ->
                  run.ledger_dir / f"client-{cid}.release.npz")
 
 
+def watermark_keys(task: Task, run: RunDir) -> list[WatermarkKey]:
+    """Each client's key: the ones the job file names, else the run's keys/, made on first use."""
+    config = task.config
+    if task.watermark_keys:
+        return task.watermark_keys
+    keys = []
+    for cid in range(config.federation.clients):
+        path = run.keys_dir / f"client-{cid}{SUFFIX}"
+        if path.exists():
+            key = WatermarkKey.load(path)
+            check_carrier(key, task.carrier, str(path))
+        else:
+            key = WatermarkKey.generate(f"client {cid} of {config.name}", task.carrier, bits=config.watermark.bits,
+                                        triggers=config.watermark.triggers)
+            key.save(path)
+        keys.append(key)
+    return keys
+
+
+def watermark(task: Task, key: WatermarkKey, data: EncodedDataset) -> tuple[EncodedDataset, FeatureWatermark]:
+    """A client's data with its trigger inputs mixed in, and the loss term that writes its bits."""
+    settings = task.config.watermark
+    term = FeatureWatermark(key, task.bundle.model, task.carrier_base, weight=settings.weight, margin=settings.margin,
+                            clients=task.config.federation.cohort_size)
+    if key.triggers:
+        triggers = trigger_set(key, task.bundle.tokenizer, len(task.splits.label_names))
+        data = mix(data, triggers.encoded(task.bundle.tokenizer, task.config.data.max_length), settings.trigger_rate)
+    return data, term
+
+
+def verify_key(task: Task, weights: np.ndarray, key: WatermarkKey) -> Verdict:
+    task.bundle.view.set(weights)
+    return verify(task.bundle.model, task.bundle.tokenizer, key, task.carrier_base)
+
+
 def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer | None = None,
-                run: RunDir | None = None) -> Client:
+                run: RunDir | None = None, key: WatermarkKey | None = None) -> Client:
     fed = task.config.federation
+    loss_terms = []
+    if key is not None:
+        data, term = watermark(task, key, data)
+        loss_terms.append(term)
     training = LocalTraining(steps=fed.local_steps, batch_size=fed.batch_size, learning_rate=fed.learning_rate,
                              learning_rate_decay=fed.learning_rate_decay, weight_decay=fed.weight_decay,
                              seed=fed.seed, group_by_length=fed.group_by_length, optimizer=fed.optimizer,
                              momentum=fed.momentum)
     return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training,
-                  secure_sum_client(task, cid), observer=observer, evaluate=task.evaluate,
-                  wrapper=training_wrapper(task, cid, len(data), run))
+                  secure_sum_client(task, cid), loss_terms, observer=observer, evaluate=task.evaluate,
+                  wrapper=training_wrapper(task, cid, len(data), run), weighting=task.weighting)
 
 
 def make_server(task: Task, grid: Grid, run: RunDir, observer: Observer | None = None) -> Server:
     view = task.bundle.view
     return Server(schedule(task.config), view.spec.digest, view.size, secure_sum_server(task), grid, run,
-                  task.evaluate, observer)
+                  task.evaluate, observer, task.weighting)
 
 
 def save_model(task: Task, weights: np.ndarray, directory: Path) -> None:

@@ -11,7 +11,8 @@ ACCURACY_PLOT = "accuracy.png"
 EPSILON_PLOT = "epsilon.png"
 
 
-def write_report(run: RunDir, job: JobConfig, records: Sequence[dict]) -> None:
+def write_report(run: RunDir, job: JobConfig, records: Sequence[dict], watermarks: Sequence[dict] = ()) -> None:
+    """`watermarks`: each client's key checked against the final model (the `as_dict` of a verdict)."""
     plotted = _plot_accuracy(run, records)
     fed = job.federation
     done = [r for r in records if r.get("dev_accuracy") is not None]
@@ -30,6 +31,7 @@ def write_report(run: RunDir, job: JobConfig, records: Sequence[dict]) -> None:
         f"- Final dev accuracy: {final:.4f}" if final is not None else "- Final dev accuracy: not evaluated",
         "",
     ]
+    lines += _watermarks(watermarks)
     if plotted:
         lines += [f"![dev accuracy per round]({ACCURACY_PLOT})", ""]
     if _plot(run, records, "epsilon", "ε spent (PRV, largest over clients)", EPSILON_PLOT):
@@ -71,6 +73,21 @@ def _privacy(job: JobConfig, records: Sequence[dict]) -> str:
     shown = f"{spent:.4f}" if spent is not None else "nothing yet"
     return (f"- Privacy: DP-SGD on every client, budget ε = {p.epsilon}, δ = {p.delta}, clipping {p.max_grad_norm}; "
             f"the most any client spent (PRV): {shown}. `securefed audit` checks the ledgers in `ledger/`.")
+
+
+def _watermarks(verdicts: Sequence[dict]) -> list[str]:
+    if not verdicts:
+        return []
+    lines = ["Each client's watermark key, checked against the final model (`securefed watermark verify` does the same "
+             "from a key file):", "",
+             "| client | owner | identity | bits matched | p (bits) | triggers matched | p (triggers) | verdict |",
+             "|---:|---|---|---:|---:|---:|---:|---|"]
+    for cid, v in enumerate(verdicts):
+        triggers = "-" if v["matched_triggers"] is None else f"{v['matched_triggers']}/{v['triggers']}"
+        p_triggers = "-" if v["triggers_p"] is None else f"{v['triggers_p']:.2g}"
+        lines.append(f"| {cid} | {v['owner']} | `{v['identity']}` | {v['matched_bits']}/{v['bits']} | "
+                     f"{v['bits_p']:.2g} | {triggers} | {p_triggers} | {v['verdict']} |")
+    return lines + [""]
 
 
 def _fmt(value: float | None) -> str:

@@ -34,6 +34,7 @@ class RunDir:
     model_dir = property(lambda self: self.path / "model")
     report_file = property(lambda self: self.path / "report.md")
     ledger_dir = property(lambda self: self.path / "ledger")  # client-<i>.jsonl: each client's privacy ledger
+    keys_dir = property(lambda self: self.path / "keys")  # client-<i>.wmkey when the job makes watermark keys
 
     # ------------------------------------------------------------ opening
 

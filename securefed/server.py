@@ -14,6 +14,7 @@ from .models import Evaluation
 from .protocol import EvaluateIns, EvaluateRes, Message, PlainModel, TrainIns, TrainRes
 from .rundir import RunDir
 from .seeding import stream
+from .weighting import BY_EXAMPLES, Weighting
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Server:
         run: RunDir,
         evaluate: Callable[[np.ndarray], Evaluation] | None = None,
         observer: Observer | None = None,
+        weighting: Weighting = BY_EXAMPLES,
     ):
         self.schedule = schedule
         self.spec = spec
@@ -51,6 +53,7 @@ class Server:
         self.run_dir = run
         self.evaluate = evaluate
         self.observer = observer or Observer()
+        self.weighting = weighting
 
     def run(self, model: Message, start: int = 1) -> Message:
         """Run rounds `start`..`rounds` from the global `model` (a PlainModel, or sealed); every finished round is
@@ -85,7 +88,7 @@ class Server:
         try:
             result = self._sum(log, results, self.size + 1)
             with log.aggregation:
-                model = _aggregate(model, result)
+                model = _aggregate(model, result, self.weighting)
             log.contributors = len(result.contributors)
         except RoundAborted as exc:
             aborted = str(exc)
@@ -166,7 +169,7 @@ class Server:
         return step
 
 
-def _aggregate(model: Message, result: SumResult | SealedSum) -> Message:
+def _aggregate(model: Message, result: SumResult | SealedSum, weighting: Weighting) -> Message:
     """FedAvg. A clear sum holds Σ n_k·Δ_k followed by Σ n_k; a sealed sum is the next model as it is."""
     if isinstance(result, SealedSum):
         return result.sealed
@@ -175,7 +178,8 @@ def _aggregate(model: Message, result: SumResult | SealedSum) -> Message:
     total_examples = result.total[-1]
     if not total_examples > 0:
         raise RoundAborted("the contributors reported no training examples")
-    return PlainModel(weights=(model.weights + result.total[:-1] / total_examples).astype(np.float32))
+    step = weighting.mean(result.total[:-1], total_examples, len(result.contributors))
+    return PlainModel(weights=(model.weights + step).astype(np.float32))
 
 
 def _mean(values: list[float]) -> float | None:

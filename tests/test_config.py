@@ -53,8 +53,10 @@ def test_every_shipped_example_is_valid():
         assert isinstance(load_job(path), JobConfig)
 
 
-def test_resolved_toml_reads_back_to_the_same_job(tmp_path):
-    job = load_job(write(tmp_path, VALID + "[partition]\nmethod = \"dirichlet\"\nalpha = 0.3\n"))
+@pytest.mark.parametrize("extra", ["[partition]\nmethod = \"dirichlet\"\nalpha = 0.3\n", "[watermark]\n",
+                                   "[watermark]\nkeys = [\"k/a.wmkey\", \"k/b.wmkey\", \"k/c.wmkey\"]\n"])
+def test_resolved_toml_reads_back_to_the_same_job(tmp_path, extra):
+    job = load_job(write(tmp_path, VALID + extra))
     again = tmp_path / "sub"
     again.mkdir()
     (again / "job.toml").write_text(job.to_toml(), encoding="utf-8")
@@ -64,7 +66,10 @@ def test_resolved_toml_reads_back_to_the_same_job(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        ("[watermark]\nbits = 64\n", "watermark: unknown setting"),
+        ("[zo]\nseeds = 4096\n", "zo: unknown setting"),
+        ("[watermark]\nbit = 64\n", "watermark.bit: unknown setting"),
+        ("[watermark]\nkeys = [\"a.wmkey\"]\nbits = 64\n", "watermark: bits is a property of the key files"),
+        ("[watermark]\nbits = 8\n", "watermark.bits: Input should be greater than or equal to 16"),
         ("[privacy]\nepsilon = 8\nnoise = 1.0\n", "privacy.noise: unknown setting"),
         ("[peft]\nmethod = \"lora\"\nrank = 4\n", "peft.rank: unknown setting"),
         ("[peft]\nmethod = \"adalora\"\n", "peft"),

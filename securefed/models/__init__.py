@@ -6,12 +6,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import ModelConfig, PeftConfig
-from .adapters import attach
+from .adapters import attach, base_name
 from .evaluation import Evaluation, evaluate
 from .flatview import FlatView, ViewSpec
+from .norms import last_block_norms
 from .registry import load_base, resolve
 
 
@@ -23,6 +25,14 @@ class ModelBundle:
     tokenizer: object
     view: FlatView
     base_path: Path
+    carrier: tuple[str, ...] = ()  # normalization layers trained whole, the watermark's carrier (their scales)
+
+    @property
+    def carrier_mask(self) -> np.ndarray:
+        """Which entries of the trainable vector are carrier scales."""
+        scales = {f"{name}.weight" for name in self.carrier}
+        return np.concatenate([np.full(int(np.prod(shape)), base_name(name) in scales)
+                               for name, shape in self.view.spec.entries])
 
     @property
     def max_positions(self) -> int:
@@ -30,7 +40,10 @@ class ModelBundle:
         return int(getattr(self.model.config, "max_position_embeddings", None) or 2**31)
 
 
-def build_model(model: ModelConfig, adapter: PeftConfig, label_names: list[str], init_seed: int) -> ModelBundle:
+def build_model(model: ModelConfig, adapter: PeftConfig, label_names: list[str], init_seed: int,
+                carrier_blocks: int = 0) -> ModelBundle:
+    """The model every party builds alike; with `carrier_blocks`, the scales of the normalization layers in that
+    many last blocks train too (their shifts stay frozen: the watermark needs only the scales)."""
     base_path = resolve(model.name)
     # New weights (the head, adapter initialisations) come from init_seed: every party builds the same model.
     with torch.random.fork_rng(devices=[]):
@@ -40,10 +53,15 @@ def build_model(model: ModelConfig, adapter: PeftConfig, label_names: list[str],
             for layer in base.modules():
                 if isinstance(layer, torch.nn.Dropout):
                     layer.p = model.dropout
-        peft_model = attach(base, adapter)
+        carrier = tuple(last_block_norms(base, carrier_blocks)) if carrier_blocks else ()
+        peft_model = attach(base, adapter, carrier)
+    shifts = {f"{name}.bias" for name in carrier}
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad and base_name(name) in shifts:
+            p.requires_grad_(False)
     settings = json.dumps(adapter.model_dump(mode="json"), sort_keys=True)
     view = FlatView(peft_model, model_type=base.config.model_type, adapter=settings)
-    return ModelBundle(peft_model, tokenizer, view, base_path)
+    return ModelBundle(peft_model, tokenizer, view, base_path, carrier)
 
 
 __all__ = ["Evaluation", "FlatView", "ModelBundle", "ViewSpec", "build_model", "evaluate"]

@@ -34,10 +34,13 @@ class MaskedMeanPooler(torch.nn.Module):
         return (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+POOLING_CONFIG = Path("1_Pooling") / "config.json"  # where sentence-transformers keeps it
+
+
 def _mean_pooled(folder: Path) -> bool:
     """Whether the folder's sentence-transformers pooling config asks for the mean of the tokens."""
     try:
-        pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+        pooling = json.loads((folder / POOLING_CONFIG).read_text())
     except FileNotFoundError:
         return False
     except (OSError, ValueError) as exc:

@@ -46,21 +46,19 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
-def load_base(path: Path, label_names: list[str]):
-    """The sequence-classification model (float32) and its tokenizer, from local files only."""
+def load_base(path: Path, label_names: list[str] | None):
+    """The sequence-classification model (float32) and its tokenizer, from local files only; with the folder's own
+    labels when `label_names` is None."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     quiet_transformers()
+    labels = {} if label_names is None else {
+        "num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            local_files_only=True,
-            dtype=torch.float32,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)},
-        )
+        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                                   **labels)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:

@@ -1,15 +1,18 @@
 """The run's model folder: a peft adapter that loads with `PeftModel.from_pretrained` on its base.
 
 Beside peft's own files it holds the tokenizer and a small card naming the base model
-and the labels, so the folder is usable without the job that made it.
+and the labels, so the folder is usable without the job that made it. It can be merged into
+a plain model folder, which loads with `from_pretrained` alone.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from ..errors import ModelError
+from .pooling import POOLING_CONFIG
 from .registry import load_base, resolve
 
 CARD = "securefed.json"
@@ -41,3 +44,31 @@ def load_adapter(directory: Path):
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"cannot load the adapter in {directory}: {str(exc).splitlines()[0]}") from None
     return model, tokenizer, card
+
+
+def load_merged(directory: Path):
+    """A model folder as one plain model: an adapter folder is loaded on its base and merged in memory; a merged
+    folder loads as it is. Returns (model, tokenizer)."""
+    if (directory / "adapter_config.json").is_file():
+        model, tokenizer, _ = load_adapter(directory)
+        return model.merge_and_unload(), tokenizer
+    if not (directory / "config.json").is_file():
+        raise ModelError(f"{directory}: neither a peft adapter folder nor a model folder")
+    return load_base(directory, None)
+
+
+def merge_adapter(directory: Path, out: Path) -> None:
+    """Merge an adapter folder into its base and save the whole model (with the base's pooling config) to `out`."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModelError(f"{out} already exists and is not empty")
+    model, tokenizer, card = load_adapter(directory)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    pooling = resolve(card["model"]) / POOLING_CONFIG
+    if pooling.is_file():
+        (out / POOLING_CONFIG).parent.mkdir(exist_ok=True)
+        shutil.copyfile(pooling, out / POOLING_CONFIG)
+    card = {**card, "merged_from": str(directory.resolve())}
+    card.pop("spec", None)  # a merged model no longer has the adapter's trainable vector
+    (out / CARD).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,7 @@ class RunResult:
     weights: np.ndarray
     records: list[dict]
     resumed_from: int
+    watermarks: list[dict] = field(default_factory=list)  # each client's key checked against the final model
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ def execute(prepared: PreparedRun, *, observer: Observer | None = None, faults: 
     """
     config, task, run_dir = prepared.config, prepared.task, prepared.run_dir
     observer = observer or Observer()
-    clients = {cid: jobs.make_client(task, cid, data, observer, run_dir)
+    keys = jobs.watermark_keys(task, run_dir) if config.watermark else None
+    clients = {cid: jobs.make_client(task, cid, data, observer, run_dir, keys[cid] if keys else None)
                for cid, data in enumerate(datasets if datasets is not None else jobs.client_datasets(task))}
     server = jobs.make_server(task, LocalGrid(clients, faults), run_dir, observer)
 
@@ -112,8 +114,9 @@ def execute(prepared: PreparedRun, *, observer: Observer | None = None, faults: 
     weights = _open(model, clients, task)
     jobs.save_model(task, weights, run_dir.model_dir)
     records = run_dir.records()
-    write_report(run_dir, config, records)
-    return RunResult(run_dir, weights, records, start - 1)
+    verdicts = [jobs.verify_key(task, weights, key).as_dict() for key in keys or ()]
+    write_report(run_dir, config, records, verdicts)
+    return RunResult(run_dir, weights, records, start - 1, verdicts)
 
 
 def _open(model: Message, clients: Mapping[int, Client], task: jobs.Task) -> np.ndarray:

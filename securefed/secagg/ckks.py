@@ -8,9 +8,10 @@ Setup, once per job (three exchanges):
   3. KeyDelivery → KeyReceived: each client checks the holder's advert and loads the secret context.
 The server makes its own context from the fixed parameters, without a secret key.
 
-Per round, clients upload CKKS encryptions of [w_k·θ_k, w_k], w_k = n_k / 1024 (their weighted local
-model and weight), in chunks of N/2 slots. The server adds them and the encrypted sum becomes the next
-global model: a client opens it as Σ w_k·θ_k / Σ w_k, which is FedAvg. The server never sees a model
+Per round, clients upload CKKS encryptions of [w_k·θ_k, w_k, 1/1024], w_k = n_k / 1024 (their weighted
+local model, weight and a count), in chunks of N/2 slots; per-client entries (the watermark carrier) go
+unweighted. The server adds them and the encrypted sum becomes the next global model: a client opens it
+as Σ w_k·θ_k / Σ w_k, which is FedAvg, per-client entries over the count. The server never sees a model
 in clear. Every ciphertext from a peer is checked (one ciphertext of two polynomials, at the first
 level, scale 2^40, NTT form, exact slot count) before TenSEAL adds or decrypts it: malformed ones
 would crash the native library.
@@ -35,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from ..errors import ProtocolError, RoundAborted, SetupFailed
 from ..interfaces import SealedSum, SumClient, SumServer
 from ..protocol import MaxLen, Message, message
+from ..weighting import BY_EXAMPLES, Weighting
 from . import identity
 from .channel import channel_key, check_public_key, public_bytes, seal, unseal
 
@@ -155,6 +157,7 @@ class CkksSettings:
     job: bytes  # binds the sealed keys to this job
     clients: int
     identities: tuple[bytes, ...] = ()  # every client's Ed25519 public key, if the job lists identities
+    weighting: Weighting = BY_EXAMPLES
 
 
 def advert_content(settings: CkksSettings, client: int, channel: bytes) -> bytes:
@@ -246,7 +249,7 @@ class CkksClient(SumClient):
             weights = super().open_model(model, size)
         else:
             context = self._require_context()
-            sizes = chunk_sizes(size + 1)
+            sizes = chunk_sizes(size + 2)
             if model.size != size or len(model.chunks) != len(sizes):
                 raise ProtocolError(f"the sealed model holds {model.size} weights in {len(model.chunks)} chunks, "
                                     f"this model has {size}")
@@ -255,9 +258,10 @@ class CkksClient(SumClient):
                 values = np.concatenate([v.decrypt() for v in vectors])
             except _TENSEAL_ERRORS as exc:
                 raise ProtocolError(f"cannot decrypt the sealed model ({exc})") from None
-            if not values[size] > 0.5 / WEIGHT_UNIT:
+            if not (values[size] > 0.5 / WEIGHT_UNIT and values[size + 1] > 0.5 / WEIGHT_UNIT):
                 raise ProtocolError("the sealed model does not hold a weighted sum")
-            weights = (values[:size] / values[size]).astype(np.float32)
+            count = np.round(values[size + 1] * WEIGHT_UNIT)  # a sum of ones: round away CKKS's noise
+            weights = self.settings.weighting.mean(values[:size], values[size], count / WEIGHT_UNIT).astype(np.float32)
             if not np.isfinite(weights).all():
                 raise ProtocolError("the sealed model opens to non-finite weights")
         self._global = weights
@@ -268,8 +272,10 @@ class CkksClient(SumClient):
         if self._global is None or self._global.size + 1 != vector.size:
             raise ProtocolError("no global model was opened for this upload")
         n = float(vector[-1])
-        # FedAvg under encryption: w_k·θ_k = w_k·(Δ_k + θ_global), and w_k = n_k / 1024
-        weighted = np.append(vector[:-1].astype(np.float64) + n * self._global.astype(np.float64), n) / WEIGHT_UNIT
+        # FedAvg under encryption: c·θ_k = c·Δ_k + c·θ_global (c = n_k, or 1 for per-client entries), then n_k and a
+        # count of one, all over 1024
+        local = vector[:-1].astype(np.float64) + self.settings.weighting.scale(n) * self._global.astype(np.float64)
+        weighted = np.append(local, [n, 1.0]) / WEIGHT_UNIT
         if not np.abs(weighted).max() * self.settings.clients < MAX_SLOT:
             raise ProtocolError("the weighted model is too large for CKKS at scale 2^40: the sum could wrap around")
         try:
@@ -360,7 +366,7 @@ class CkksServer(SumServer):
         if self._round is None:
             raise RoundAborted("no round is open")
         (number, cohort, size), self._round = self._round, None
-        sizes, total, contributors, rejected = chunk_sizes(size), None, [], {}
+        sizes, total, contributors, rejected = chunk_sizes(size + 1), None, [], {}  # and the count slot
         for cid, upload in sorted(replies.items()):
             if cid not in cohort or cid not in self._members:
                 rejected[cid] = "not in this round's cohort, or holds no CKKS key"

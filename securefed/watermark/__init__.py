@@ -1,0 +1,1 @@
+"""Ownership watermarks: FedIPR feature bits in normalization scales, key-derived trigger sets, verification."""

@@ -1,0 +1,232 @@
+"""Watermarks: keys, the FedIPR bits under DP-SGD and SecAgg+, triggers, verification and its statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_bert, write_job
+
+from securefed.config import load_job
+from securefed.errors import ConfigError, WatermarkError
+from securefed.job import load_task
+from securefed.models.saved import load_merged, merge_adapter
+from securefed.runtime.local import run
+from securefed.watermark.feature import base_carrier, base_scales, matched_bits, scale_values
+from securefed.watermark.keys import WatermarkKey
+from securefed.watermark.trigger import mix, trigger_set
+from securefed.watermark.verify import verify
+from securefed.weighting import Weighting
+
+BITS = 48  # 4 clients × 48 bits in the 256 scales of the tiny model's 4 normalization layers
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """64 wide: 256 normalization scales in its two blocks."""
+    return tiny_bert(tmp_path_factory.mktemp("wide-bert"), 64)
+
+
+def watermarked_job(folder, model, sample, secure: dict | None = None, **watermark):
+    """SGD, as the private example trains; DP-SGD unless `secure` names another setting."""
+    return write_job(folder, model, *sample, federation={
+        "rounds": 4, "clients": 4, "local_steps": 3, "batch_size": 32, "optimizer": "sgd", "momentum": 0.0,
+        "learning_rate": 0.3}, **(secure or {"privacy": {"epsilon": 8.0, "max_grad_norm": 1.0}}),
+        watermark={"bits": BITS, "triggers": 8, **watermark})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, wide_model, sst2_sample):
+    """4 clients, each with its own key made into the run's keys/, under DP-SGD and SecAgg+ (the default)."""
+    folder = tmp_path_factory.mktemp("watermarked")
+    result = run(load_job(watermarked_job(folder, wide_model, sst2_sample)), out=folder / "run")
+    keys = [WatermarkKey.load(folder / "run" / "keys" / f"client-{c}.wmkey") for c in range(4)]
+    return result.run, keys
+
+
+def check(model_dir, key):
+    model, tokenizer = load_merged(model_dir)
+    return verify(model, tokenizer, key, base_scales(key))
+
+
+def test_every_owner_verifies_after_private_secure_training(trained):
+    run_dir, keys = trained
+    assert len({k.seed for k in keys}) == 4 and len({k.public for k in keys}) == 4
+    for key in keys:
+        verdict = check(run_dir.model_dir, key)
+        assert verdict.owned, verdict
+        assert verdict.matched_bits >= BITS - 2 and verdict.bits_p <= 1e-11
+    report = run_dir.report_file.read_text()
+    assert report.count("| owned |") == 4
+
+
+def test_under_ckks_every_owner_verifies_too(tmp_path, wide_model, sst2_sample):
+    """The carrier's per-client mean travels through CKKS's count slot; no DP here."""
+    job = watermarked_job(tmp_path, wide_model, sst2_sample, {"secagg": {"mode": "ckks"}}, triggers=0)
+    result = run(load_job(job), out=tmp_path / "run")
+    assert [v["verdict"] for v in result.watermarks] == ["owned"] * 4
+    assert min(v["matched_bits"] for v in result.watermarks) >= BITS - 2
+
+
+def test_keys_stay_apart_from_the_model(trained):
+    run_dir, _ = trained
+    assert not [p for p in run_dir.model_dir.rglob("*") if p.suffix == ".wmkey"]
+    for path in (run_dir.keys_dir).iterdir():
+        assert path.stat().st_mode & 0o077 == 0  # readable by the owner only
+
+
+def test_fresh_keys_and_the_base_model_do_not_verify(trained, wide_model):
+    run_dir, keys = trained
+    model, tokenizer = load_merged(run_dir.model_dir)
+    carrier = keys[0].carrier
+    base = base_scales(keys[0])
+    for _ in range(20):
+        fresh = WatermarkKey.generate("someone else", carrier, bits=BITS, triggers=8)
+        assert not verify(model, tokenizer, fresh, base).owned
+    untouched, tokenizer = load_merged(run_dir.model_dir)
+    with torch.no_grad():
+        for p, value in zip(_scales(untouched, carrier), np.split(base, len(carrier.parameters))):
+            p.copy_(torch.from_numpy(value))
+    for key in keys:  # the owners' keys on the model with its carrier reset to the base: nothing to find
+        verdict = verify(untouched, tokenizer, key, base)
+        assert verdict.matched_bits == 0 and not verdict.owned
+
+
+def test_a_key_forged_after_seeing_the_model_fails(trained):
+    """The thief picks, among many seeds, the projection that best fits the model; the bits still come from the
+    hash of his seed, so the best fit is chance."""
+    run_dir, keys = trained
+    model, _ = load_merged(run_dir.model_dir)
+    values, base = scale_values(model, keys[0].carrier), base_scales(keys[0])
+    best = max(matched_bits(WatermarkKey.generate("thief", keys[0].carrier, bits=BITS), values, base)
+               for _ in range(300))
+    assert best < BITS - 10  # 300 tries reach about 33 of 48 by chance; owners match 46 or more
+
+
+def test_an_altered_key_is_refused(trained, tmp_path):
+    _, keys = trained
+    path = tmp_path / "k.wmkey"
+    keys[0].save(path)
+    document = json.loads(path.read_text())
+    for field, value in (("owner", "the thief"), ("seed", "00" * 32), ("bits", 16)):
+        path.unlink()
+        path.write_text(json.dumps({**document, field: value}))
+        with pytest.raises(WatermarkError, match="altered"):
+            WatermarkKey.load(path)
+    path.write_text("{not json")
+    with pytest.raises(WatermarkError, match="not a watermark key"):
+        WatermarkKey.load(path)
+    with pytest.raises(WatermarkError, match="never overwritten"):
+        keys[0].save(path)
+
+
+def test_merged_model_verifies_as_the_adapter_does(trained, tmp_path):
+    run_dir, keys = trained
+    merge_adapter(run_dir.model_dir, tmp_path / "merged")
+    for key in keys:
+        adapter, merged = check(run_dir.model_dir, key), check(tmp_path / "merged", key)
+        assert (merged.matched_bits, merged.matched_triggers) == (adapter.matched_bits, adapter.matched_triggers)
+        assert merged.owned == adapter.owned
+
+
+def test_bits_come_from_the_seed_and_the_owner_identity(trained):
+    _, keys = trained
+    a = keys[0]
+    other_owner = WatermarkKey(a.owner, keys[1].private, a.seed, a.bits, a.carrier, a.triggers, a.trigger_length)
+    assert not np.array_equal(a.message(), other_owner.message())
+    assert np.array_equal(a.projection(), other_owner.projection())
+    assert np.abs(a.message()).tolist() == [1.0] * BITS
+
+
+def test_trigger_sets_are_the_keys_own_and_mixed_in_at_the_rate(trained, wide_model):
+    _, keys = trained
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(wide_model)
+    a, again, b = trigger_set(keys[0], tokenizer, 2), trigger_set(keys[0], tokenizer, 2), trigger_set(keys[1],
+                                                                                                        tokenizer, 2)
+    assert a.texts == again.texts and np.array_equal(a.labels, again.labels) and a.texts != b.texts
+    data = a.encoded(tokenizer, 64)
+    assert all(len(ids) == 12 + 2 for ids in data.input_ids)  # 12 whole words, each one token, and [CLS] [SEP]
+    real = data.subset(np.zeros(392, dtype=np.int64))
+    mixed = mix(real, data, 0.02)
+    assert len(mixed) == 392 + 8  # 2% of 400
+    # chance: a model that predicts one class for everything matches about half of the random labels
+    assert a.p_value(a.matched(np.zeros(8, dtype=np.int64))) > 0.01
+
+
+def test_capacity_and_key_settings_are_checked_before_anything_is_written(tmp_path, wide_model, sst2_sample):
+    job = watermarked_job(tmp_path, wide_model, sst2_sample, bits=65)
+    with pytest.raises(WatermarkError, match="need 260 bits in all, but the carrier holds 256 scales"):
+        run(load_job(job), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    job = watermarked_job(tmp_path, wide_model, sst2_sample, keys=["a.wmkey"] * 4)
+    with pytest.raises(ConfigError, match="watermark: bits is a property of the key files"):
+        load_job(job)
+
+
+def test_named_keys_must_fit_the_job(tmp_path, wide_model, tiny_model, sst2_sample):
+    keys = []
+    for c in range(4):
+        key = WatermarkKey.generate(f"org {c}", base_carrier(str(wide_model), 2), bits=32)
+        key.save(tmp_path / f"org-{c}.wmkey")
+        keys.append(str(tmp_path / f"org-{c}.wmkey"))
+    job = write_job(tmp_path, wide_model, *sst2_sample, federation={"clients": 4}, watermark={"keys": keys})
+    assert len(load_task(load_job(job)).watermark_keys) == 4
+    job = write_job(tmp_path, wide_model, *sst2_sample, federation={"clients": 3}, watermark={"keys": keys})
+    with pytest.raises(ConfigError, match="4 key files for 3 clients"):
+        load_job(job)
+    other = write_job(tmp_path, tiny_model, *sst2_sample, federation={"clients": 4}, watermark={"keys": keys})
+    with pytest.raises(WatermarkError, match="org-0.wmkey: the key was made for another base model"):
+        load_task(load_job(other))
+
+
+def test_per_client_entries_average_over_clients():
+    weighting = Weighting(np.array([False, True]))
+    updates, sizes = [np.array([1.0, 1.0]), np.array([3.0, 5.0])], [1, 9]
+    total = sum(weighting.contribution(u, n).astype(np.float64) for u, n in zip(updates, sizes))
+    mean = weighting.mean(total[:-1], total[-1], len(sizes))
+    assert mean.tolist() == pytest.approx([(1 * 1 + 9 * 3) / 10, (1 + 5) / 2])
+
+
+def _scales(model, carrier):
+    from securefed.watermark.feature import scale_parameters
+
+    return scale_parameters(model, carrier)
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`securefed ARGS` in this process (the installed entry point's code path), its exit code and output."""
+    from securefed.cli import main
+
+    monkeypatch.setattr("sys.argv", ["securefed", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def test_the_verify_command_gives_a_verdict_or_one_line_error(trained, wide_model, tiny_model, tmp_path, monkeypatch,
+                                                              capsys):
+    run_dir, _ = trained
+    model = str(run_dir.model_dir)
+    code, out, _ = cli(monkeypatch, capsys, "watermark", "verify", "--model", model, "--key",
+                       str(run_dir.keys_dir / "client-3.wmkey"), "--json")
+    verdict = json.loads(out)
+    assert code == 0 and verdict["verdict"] == "owned" and verdict["p_value"] <= 1e-9
+    code, out, _ = cli(monkeypatch, capsys, "watermark", "keygen", "--owner", "Org Z", "--out", str(tmp_path),
+                       "--model", str(wide_model), "--bits", "48")
+    assert code in (0, None) and (tmp_path / "org-z.wmkey").exists() and 'keys = ["' in out
+    code, out, _ = cli(monkeypatch, capsys, "watermark", "verify", "--model", model, "--key",
+                       str(tmp_path / "org-z.wmkey"))
+    assert code == 1 and "verdict: not owned" in out
+    code, _, err = cli(monkeypatch, capsys, "watermark", "keygen", "--owner", "Org Z", "--out", str(tmp_path),
+                       "--model", str(tiny_model), "--bits", "48")
+    assert code == 2 and "never overwritten" in err
+    cli(monkeypatch, capsys, "watermark", "keygen", "--owner", "Org Y", "--out", str(tmp_path), "--model",
+        str(tiny_model), "--bits", "48")
+    code, out, err = cli(monkeypatch, capsys, "watermark", "verify", "--model", model, "--key",
+                         str(tmp_path / "org-y.wmkey"))
+    assert code == 2 and out == "" and err.count("\n") == 1 and "the key was made for another model" in err
