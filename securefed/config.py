@@ -198,7 +198,7 @@ class WatermarkConfig(Section):
     trigger_rate: float = Field(0.02, ge=0, lt=0.5, description="the share of a client's training examples that "
                                 "are its trigger inputs")
     weight: float = Field(1.0, gt=0, le=1e4, description="α, the weight of the bits' hinge loss")
-    margin: float = Field(0.2, gt=0, le=100, description="m: the hinge pushes each projection this far past zero")
+    margin: float = Field(0.1, gt=0, le=100, description="m: the hinge pushes each projection this far past zero")
 
     @model_validator(mode="before")
     @classmethod
