@@ -42,10 +42,6 @@ class Carrier:
     def size(self) -> int:
         return sum(n for _, n in self.parameters)
 
-    @property
-    def modules(self) -> tuple[str, ...]:
-        return tuple(name.removesuffix(".weight") for name, _ in self.parameters)
-
     @staticmethod
     def digest(values: np.ndarray) -> str:
         return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).tobytes()).hexdigest()
