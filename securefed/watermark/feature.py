@@ -1,7 +1,7 @@
 """FedIPR's feature watermark: the signs of secret projections of normalization scales carry the owner's bits.
 
-Client i adds α·Σ_j ReLU(m − b_j·(Δγᵀw_j)) to its local loss, where Δγ is the carrier's shift from the base
-model's scales and w_j are the columns of its secret W. Projecting the shift rather than the scales starts
+Client i adds a hinge α·Σ_j ReLU(t_j − b_j·(Δγᵀw_j)) to its local loss (t_j: see FeatureWatermark), where Δγ
+is the carrier's shift from the base model's scales and w_j are the columns of its secret W. Projecting the shift rather than the scales starts
 every bit at zero, so a small change of the scales sets it; the scales themselves (about 0.6 in MiniLM)
 would put every projection far from zero, with a random sign, before training began.
 
@@ -52,16 +52,19 @@ def describe_carrier(model_name: str, model: torch.nn.Module, blocks: int, modul
     return Carrier(draft.model, draft.model_type, blocks, draft.parameters, Carrier.digest(values))
 
 
+def _base_model(name: str) -> torch.nn.Module:
+    return load_base(resolve(name), None)[0]
+
+
 def base_carrier(model_name: str, blocks: int) -> Carrier:
     """The carrier of a base model (a registered name or a local folder): its last `blocks` blocks' scales."""
-    base, _ = load_base(resolve(model_name), None)
+    base = _base_model(model_name)
     return describe_carrier(model_name, base, blocks, last_block_norms(base, blocks))
 
 
 def base_scales(key: WatermarkKey) -> np.ndarray:
     """The carrier's values in the base model the key was made for, checked against the key."""
-    base, _ = load_base(resolve(key.carrier.model), None)
-    values = scale_values(base, key.carrier)
+    values = scale_values(_base_model(key.carrier.model), key.carrier)
     if Carrier.digest(values) != key.carrier.base:
         raise WatermarkError(f"the base model {key.carrier.model} here differs from the one the key was made for")
     return values
