@@ -1,8 +1,13 @@
 """Watermark strength, robustness, false positives and cost, against the same job without watermarks.
 
 The job is the private example's (MiniLM + LoRA, SST-2, Dirichlet α = 0.5, DP-SGD at ε = 8, SecAgg+) with 10
-clients, each embedding 64 bits and 32 triggers with a key made into the run. The baseline, run in the
-same invocation, is that job without [watermark]. Then, on the watermarked model:
+clients, each embedding 64 bits (and, with --triggers, a trigger set) with a key made into the run. The baseline,
+run in the same invocation, is that job without [watermark].
+
+Accuracy cost: each of --seeds pairs runs the watermarked job and the baseline with the same job seed and the
+same DP secret, so both draw the same batches and the same noise; the pair's difference is then the watermark's
+doing, not the noise's (unpaired, two runs of one job differed by 1.1 points). Then, on the first pair's
+watermarked model:
 
   - every client's verdict after training, and after each attack by a third party holding the model:
       finetune  1 epoch of full fine-tuning on AG News (the shipped 10,000-example subset; a new 4-class head,
@@ -12,7 +17,8 @@ same invocation, is that job without [watermark]. Then, on the watermarked model
       merge     the adapter merged into the base, saved and loaded again
   - the false-positive rate of 1,000 fresh keys on the watermarked model and on the baseline's.
 
-    python benchmarks/watermark.py [--clients 10] [--bits 64] [--blocks 2] [--fresh-keys 1000] [--workers 2]
+    python benchmarks/watermark.py [--clients 10] [--bits 64] [--blocks 2] [--triggers 0] [--trigger-rate R]
+                                   [--seeds 1] [--fresh-keys 1000] [--workers 2]
 
 JSON on stdout; progress on stderr.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -35,7 +42,7 @@ from securefed.config import WatermarkConfig, load_job
 from securefed.data import PadCollator, encode, load_splits
 from securefed.models import evaluate
 from securefed.models.saved import load_adapter, load_merged, merge_adapter
-from securefed.runtime.local import run
+from securefed.runtime.local import execute, prepare
 from securefed.watermark.feature import base_scales, scale_parameters
 from securefed.watermark.keys import WatermarkKey
 from securefed.watermark.verify import verify
@@ -48,11 +55,19 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def train(job, out: Path, threads: int) -> dict:
+def train(job, out: Path, threads: int, dp_secret: str) -> dict:
+    """Run `job` with the given DP secret (sampling and noise) in place of a fresh one."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    result = run(job, out=out)
-    row = {"dev_accuracy": result.records[-1]["dev_accuracy"], "seconds": round(time.perf_counter() - started, 1)}
+    prepared = prepare(job, out=out)
+    (out / "secrets").mkdir(mode=0o700, exist_ok=True)
+    (out / "secrets" / "dp").write_text(dp_secret + "\n", encoding="ascii")
+    result = execute(prepared)
+    row = {"dev_accuracy": result.records[-1]["dev_accuracy"], "seconds": round(time.perf_counter() - started, 1),
+           "seed": job.federation.seed}
+    if result.watermarks:
+        row["worst_p"] = max(v["p_value"] for v in result.watermarks)
+        row["triggers_matched"] = [v["matched_triggers"] for v in result.watermarks]
     say(f"{job.name}: {row}")
     return row
 
@@ -147,24 +162,35 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=64)
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--margin", type=float, default=None, help="the hinge's margin (default: the job's)")
+    parser.add_argument("--triggers", type=int, default=0, help="trigger inputs per key (default 0: bits only, as "
+                        "the private example)")
+    parser.add_argument("--trigger-rate", type=float, default=None, help="default: the config's")
+    parser.add_argument("--seeds", type=int, default=1, help="pairs of (watermarked, baseline) runs")
     parser.add_argument("--fresh-keys", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
     job = load_job(args.job)
     job = job.model_copy(update={"federation": job.federation.model_copy(update={"clients": args.clients})})
-    settings = {"bits": args.bits, "blocks": args.blocks}
-    if args.margin is not None:
-        settings["margin"] = args.margin
-    marked = job.model_copy(update={"name": "watermarked", "watermark": WatermarkConfig.model_validate(settings)})
-    plain = job.model_copy(update={"name": "baseline", "watermark": None})
+    settings = {"bits": args.bits, "blocks": args.blocks, "triggers": args.triggers}
+    for name in ("margin", "trigger_rate"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    watermark = WatermarkConfig.model_validate(settings)
+    jobs, secrets = [], {}
+    for i in range(args.seeds):
+        seeded = job.model_copy(update={"federation": job.federation.model_copy(
+            update={"seed": job.federation.seed + i})})
+        secrets[i] = os.urandom(8).hex()
+        jobs += [(i, seeded.model_copy(update={"name": f"watermarked-{i}", "watermark": watermark})),
+                 (i, seeded.model_copy(update={"name": f"baseline-{i}", "watermark": None}))]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         threads = max(1, (torch.get_num_threads()) // args.workers)
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {j.name: pool.submit(train, j, tmp / j.name, threads) for j in (marked, plain)}
+            futures = {j.name: pool.submit(train, j, tmp / j.name, threads, secrets[i]) for i, j in jobs}
             trained = {name: f.result() for name, f in futures.items()}
-        run_dir = tmp / "watermarked"
+        run_dir = tmp / "watermarked-0"
         keys = [WatermarkKey.load(p) for p in sorted((run_dir / "keys").iterdir(),
                                                       key=lambda p: int(p.stem.split("-")[1]))]
         base = base_scales(keys[0])
@@ -176,7 +202,7 @@ def main() -> None:
                               "dev_accuracy": dev_accuracy(model, tokenizer, splits)}
         say(f"trained: worst p {results['trained']['worst_p']:.3g}")
         fpr_marked = fresh_key_rates(model, tokenizer, keys[0].carrier, base, args.fresh_keys, args.bits)
-        baseline_model, baseline_tokenizer = load_merged(tmp / "baseline" / "model")
+        baseline_model, baseline_tokenizer = load_merged(tmp / "baseline-0" / "model")
         fpr_plain = fresh_key_rates(baseline_model, baseline_tokenizer, keys[0].carrier, base, args.fresh_keys,
                                     args.bits)
         results["baseline_with_owner_keys"] = summary(verdicts(baseline_model, baseline_tokenizer, keys, base))
@@ -203,13 +229,18 @@ def main() -> None:
             results[name] = {**summary(verdicts(model, tokenizer, keys, base)), "ag_news_accuracy": ag_news}
             say(f"{name}: worst p {results[name]['worst_p']:.3g}")
 
-    cost = trained["baseline"]["dev_accuracy"] - trained["watermarked"]["dev_accuracy"]
+    costs = [100 * (trained[f"baseline-{i}"]["dev_accuracy"] - trained[f"watermarked-{i}"]["dev_accuracy"])
+             for i in range(args.seeds)]
+    cost = float(np.mean(costs))
     print(json.dumps({
-        "job": {"clients": args.clients, "bits": args.bits, "blocks": args.blocks, "margin": marked.watermark.margin,
+        "job": {"clients": args.clients, "bits": args.bits, "blocks": args.blocks, "margin": watermark.margin,
+                "triggers": args.triggers, "trigger_rate": watermark.trigger_rate,
                 "privacy": job.privacy is not None, "secagg": job.secagg.mode},
         "training": trained,
-        "accuracy_cost_points": round(100 * cost, 2),
-        "accuracy_target_met": cost <= 0.005,
+        "accuracy_cost_points": {"pairs": [round(c, 2) for c in costs], "mean": round(cost, 2),
+                                 "std_error": round(float(np.std(costs, ddof=1) / np.sqrt(len(costs))), 2)
+                                 if len(costs) > 1 else None},
+        "accuracy_target_met": cost <= 0.5,
         "owner": results,
         "fresh_keys": {"watermarked_model": fpr_marked, "baseline_model": fpr_plain},
         "targets": {"owner_p": TARGET_OWNER_P, "non_owner_p": TARGET_NON_OWNER_P, "accuracy_cost_points": 0.5},

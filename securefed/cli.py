@@ -209,8 +209,9 @@ def watermark_keygen(
 ) -> None:
     """Make a watermark key: an Ed25519 identity, a secret seed, and the carrier it marks."""
     from .watermark.feature import base_carrier
-    from .watermark.keys import WatermarkKey, file_name
+    from .watermark.keys import WatermarkKey, file_name, owner_name
 
+    owner = owner_name(owner)  # before the model loads
     with console.status(f"reading the carrier of {model}"):
         carrier = base_carrier(model, blocks)
     key = WatermarkKey.generate(owner, carrier, bits=bits, triggers=triggers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,11 +159,11 @@ class Client:
         return optimizer
 
     def _add_loss_terms(self) -> None:
-        """Add the gradient of the loss terms, which read parameters only, never an example; so they cost no
-        privacy, and clipping does not dilute them."""
-        with torch.enable_grad():
+        """Add the gradient of the loss terms, which read no client example; so they cost no privacy, and
+        clipping and noise do not dilute them."""
+        with torch.enable_grad(), self.wrapper.unrecorded() if self.wrapper else nullcontext():
             total = sum(term() for term in self.loss_terms)
-        grads = torch.autograd.grad(total, self.view.parameters, allow_unused=True)
+            grads = torch.autograd.grad(total, self.view.parameters, allow_unused=True)
         for p, grad in zip(self.view.parameters, grads):
             if grad is not None:
                 p.grad = grad if p.grad is None else p.grad + grad

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -94,8 +95,8 @@ class SumServer(ABC):
 
 
 class LossTerm(ABC):
-    """An extra term of a client's local loss that reads the model's parameters only, never an example (a
-    watermark). Its gradient joins every step after any DP-SGD clipping and noise."""
+    """An extra term of a client's local loss that reads the model's parameters and key-derived inputs only,
+    never a client's example (a watermark). Its gradient joins every step after any DP-SGD clipping and noise."""
 
     name: str
 
@@ -142,6 +143,10 @@ class TrainingWrapper(ABC):
     @abstractmethod
     def commit(self, round: int, weights: np.ndarray, vector: np.ndarray) -> dict[str, float]:
         """Record the round durably before its update leaves the client; metrics to report (ε so far)."""
+
+    def unrecorded(self) -> AbstractContextManager:
+        """A context whose forward and backward passes the wrapper leaves alone (a loss term's)."""
+        return nullcontext()
 
 
 # ---------------------------------------------------------------- runtime

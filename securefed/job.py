@@ -17,7 +17,7 @@ from .client import Client, LocalTraining
 from .config import CkksConfig, JobConfig, SecAggPlusConfig
 from .data import EncodedDataset, PadCollator, Splits, encode, load_splits, partition
 from .errors import ConfigError
-from .interfaces import Grid, Observer, SumClient, SumServer
+from .interfaces import Grid, LossTerm, Observer, SumClient, SumServer
 from .models import Evaluation, ModelBundle, build_model, evaluate
 from .models.saved import load_adapter, save_adapter
 from .privacy.dpsgd import DPSGD, DPSettings, private_module
@@ -32,7 +32,7 @@ from .seeding import stream_seed
 from .server import Schedule, Server
 from .watermark.feature import FeatureWatermark, check_capacity, check_carrier, describe_carrier, scale_values
 from .watermark.keys import SUFFIX, Carrier, WatermarkKey
-from .watermark.trigger import mix, trigger_set
+from .watermark.trigger import TriggerLoss, trigger_set
 from .watermark.verify import Verdict, verify
 from .weighting import BY_EXAMPLES, Weighting
 
@@ -186,15 +186,17 @@ def watermark_keys(task: Task, run: RunDir) -> list[WatermarkKey]:
     return keys
 
 
-def watermark(task: Task, key: WatermarkKey, data: EncodedDataset) -> tuple[EncodedDataset, FeatureWatermark]:
-    """A client's data with its trigger inputs mixed in, and the loss term that writes its bits."""
+def watermark_terms(task: Task, key: WatermarkKey) -> list[LossTerm]:
+    """The loss terms that write a client's watermark: the hinge on its bits, and its trigger set if any."""
     settings = task.config.watermark
-    term = FeatureWatermark(key, task.bundle.model, task.carrier_base, weight=settings.weight, margin=settings.margin,
-                            clients=task.config.federation.cohort_size)
-    if key.triggers:
+    terms: list[LossTerm] = [FeatureWatermark(key, task.bundle.model, task.carrier_base, weight=settings.weight,
+                                              margin=settings.margin, clients=task.config.federation.cohort_size)]
+    if key.triggers and settings.trigger_rate > 0:
         triggers = trigger_set(key, task.bundle.tokenizer, len(task.splits.label_names))
-        data = mix(data, triggers.encoded(task.bundle.tokenizer, task.config.data.max_length), settings.trigger_rate)
-    return data, term
+        encoded = triggers.encoded(task.bundle.tokenizer, task.config.data.max_length)
+        terms.append(TriggerLoss(task.bundle.model, task.collator.batch(encoded, range(len(encoded))),
+                                 rate=settings.trigger_rate, clients=task.config.federation.cohort_size))
+    return terms
 
 
 def verify_key(task: Task, weights: np.ndarray, key: WatermarkKey) -> Verdict:
@@ -205,10 +207,7 @@ def verify_key(task: Task, weights: np.ndarray, key: WatermarkKey) -> Verdict:
 def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer | None = None,
                 run: RunDir | None = None, key: WatermarkKey | None = None) -> Client:
     fed = task.config.federation
-    loss_terms = []
-    if key is not None:
-        data, term = watermark(task, key, data)
-        loss_terms.append(term)
+    loss_terms = watermark_terms(task, key) if key is not None else []
     training = LocalTraining(steps=fed.local_steps, batch_size=fed.batch_size, learning_rate=fed.learning_rate,
                              learning_rate_decay=fed.learning_rate_decay, weight_decay=fed.weight_decay,
                              seed=fed.seed, group_by_length=fed.group_by_length, optimizer=fed.optimizer,

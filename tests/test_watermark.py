@@ -16,7 +16,7 @@ from securefed.models.saved import load_merged, merge_adapter
 from securefed.runtime.local import run
 from securefed.watermark.feature import base_carrier, base_scales, matched_bits, scale_values
 from securefed.watermark.keys import WatermarkKey
-from securefed.watermark.trigger import mix, trigger_set
+from securefed.watermark.trigger import TriggerLoss, trigger_set
 from securefed.watermark.verify import verify
 from securefed.weighting import Weighting
 
@@ -39,7 +39,9 @@ def watermarked_job(folder, model, sample, secure: dict | None = None, **waterma
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, wide_model, sst2_sample):
-    """4 clients, each with its own key made into the run's keys/, under DP-SGD and SecAgg+ (the default)."""
+    """4 clients, each with its own key made into the run's keys/, under DP-SGD and SecAgg+ (the default). The
+    trigger term runs with Opacus's hooks off: were they on, its pass would break the next step's per-example
+    gradients."""
     folder = tmp_path_factory.mktemp("watermarked")
     result = run(load_job(watermarked_job(folder, wide_model, sst2_sample)), out=folder / "run")
     keys = [WatermarkKey.load(folder / "run" / "keys" / f"client-{c}.wmkey") for c in range(4)]
@@ -140,7 +142,7 @@ def test_bits_come_from_the_seed_and_the_owner_identity(trained):
     assert np.abs(a.message()).tolist() == [1.0] * BITS
 
 
-def test_trigger_sets_are_the_keys_own_and_mixed_in_at_the_rate(trained, wide_model):
+def test_trigger_sets_are_the_keys_own(trained, wide_model):
     _, keys = trained
     from transformers import AutoTokenizer
 
@@ -149,12 +151,33 @@ def test_trigger_sets_are_the_keys_own_and_mixed_in_at_the_rate(trained, wide_mo
                                                                                                         tokenizer, 2)
     assert a.texts == again.texts and np.array_equal(a.labels, again.labels) and a.texts != b.texts
     data = a.encoded(tokenizer, 64)
-    assert all(len(ids) == 12 + 2 for ids in data.input_ids)  # 12 whole words, each one token, and [CLS] [SEP]
-    real = data.subset(np.zeros(392, dtype=np.int64))
-    mixed = mix(real, data, 0.02)
-    assert len(mixed) == 392 + 8  # 2% of 400
+    assert all(len(ids) == 4 + 2 for ids in data.input_ids)  # 4 whole words, each one token, and [CLS] [SEP]
     # chance: a model that predicts one class for everything matches about half of the random labels
     assert a.p_value(a.matched(np.zeros(8, dtype=np.int64))) > 0.01
+
+
+def test_the_trigger_loss_teaches_the_keys_labels(tmp_path, wide_model, sst2_sample):
+    """Trained on the trigger term alone, the model comes to give the key's labels, and verification counts them.
+    The term weighs K·rate/(1 − rate) (a client's update reaches the average divided by K); it runs without
+    dropout but hands the model back in training mode."""
+    in_clear = {"secagg": {"mode": "none", "insecure": True}}
+    task = load_task(load_job(watermarked_job(tmp_path, wide_model, sst2_sample, in_clear)))
+    key = WatermarkKey.generate("org", task.carrier, bits=BITS, triggers=8)
+    triggers = trigger_set(key, task.bundle.tokenizer, 2)
+    encoded = triggers.encoded(task.bundle.tokenizer, 32)
+    batch = task.collator.batch(encoded, range(len(encoded)))
+    term = TriggerLoss(task.bundle.model, batch, rate=0.2, clients=4)
+    assert term.weight == pytest.approx(4 * 0.2 / 0.8)
+    model = task.bundle.model
+    model.train()
+    optimizer = torch.optim.Adam(task.bundle.view.parameters, lr=0.01)
+    for _ in range(30):
+        optimizer.zero_grad()
+        term().backward()
+        optimizer.step()
+        assert model.training
+    verdict = verify(model, task.bundle.tokenizer, key, task.carrier_base)
+    assert verdict.matched_triggers == 8 and verdict.triggers_p == pytest.approx(2**-8)
 
 
 def test_capacity_and_key_settings_are_checked_before_anything_is_written(tmp_path, wide_model, sst2_sample):
@@ -230,3 +253,7 @@ def test_the_verify_command_gives_a_verdict_or_one_line_error(trained, wide_mode
     code, out, err = cli(monkeypatch, capsys, "watermark", "verify", "--model", model, "--key",
                          str(tmp_path / "org-y.wmkey"))
     assert code == 2 and out == "" and err.count("\n") == 1 and "the key was made for another model" in err
+    # a blank owner is refused before any model loads (this one does not exist)
+    code, _, err = cli(monkeypatch, capsys, "watermark", "keygen", "--owner", " ", "--out", str(tmp_path),
+                       "--model", str(tmp_path / "no-such-model"))
+    assert code == 2 and "needs an owner name" in err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,15 @@ class DPSGD(TrainingWrapper):
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    @contextmanager
+    def unrecorded(self):
+        """Opacus's hooks off: a loss term's pass must not add per-example gradients to the next step's."""
+        self.module.disable_hooks()
+        try:
+            yield
+        finally:
+            self.module.enable_hooks()
 
     def commit(self, round: int, weights: np.ndarray, vector: np.ndarray) -> dict[str, float]:
         tmp = self.releases.with_suffix(".tmp.npz")

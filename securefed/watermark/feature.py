@@ -1,9 +1,10 @@
 """FedIPR's feature watermark: the signs of secret projections of normalization scales carry the owner's bits.
 
 Client i adds a hinge α·Σ_j ReLU(t_j − b_j·(Δγᵀw_j)) to its local loss (t_j: see FeatureWatermark), where Δγ
-is the carrier's shift from the base model's scales and w_j are the columns of its secret W. Projecting the shift rather than the scales starts
-every bit at zero, so a small change of the scales sets it; the scales themselves (about 0.6 in MiniLM)
-would put every projection far from zero, with a random sign, before training began.
+is the carrier's shift from the base model's scales and w_j are the columns of its secret W. Projecting the
+shift rather than the scales starts every bit at zero, so a small change of the scales sets it; the scales
+themselves (about 0.6 in MiniLM) would put every projection far from zero, with a random sign, before training
+began.
 
 The term reads no example, only the carrier and the key. Its gradient therefore joins the step after
 DP-SGD's clipping and noise (see client.py): it costs no privacy, and no clipping dilutes it.

@@ -59,14 +59,13 @@ class WatermarkKey:
 
     @classmethod
     def generate(cls, owner: str, carrier: Carrier, *, bits: int = 64, triggers: int = 32,
-                 trigger_length: int = 12) -> WatermarkKey:
-        if not owner.strip():
-            raise WatermarkError("a watermark key needs an owner name")
+                 trigger_length: int = 4) -> WatermarkKey:
+        owner = owner_name(owner)
         if not 16 <= bits <= carrier.size:
             raise WatermarkError(f"bits must be between 16 and the carrier's {carrier.size} scales, not {bits}")
         if triggers < 0 or trigger_length < 1:
             raise WatermarkError("triggers must be ≥ 0 and trigger_length ≥ 1")
-        return cls(owner.strip(), Ed25519PrivateKey.generate().private_bytes_raw(), os.urandom(32), bits, carrier,
+        return cls(owner, Ed25519PrivateKey.generate().private_bytes_raw(), os.urandom(32), bits, carrier,
                    triggers, trigger_length)
 
     @property
@@ -156,6 +155,13 @@ class WatermarkKey:
         if key.bits > carrier.size:
             raise ValueError(f"{key.bits} bits exceed the carrier's {carrier.size} scales")
         return key
+
+
+def owner_name(owner: str) -> str:
+    """The owner's name as keys record it; a blank one is refused."""
+    if not owner.strip():
+        raise WatermarkError("a watermark key needs an owner name")
+    return owner.strip()
 
 
 def file_name(owner: str) -> str:

@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.stats import binom
 
 from ..data import EncodedDataset, encode
 from ..errors import WatermarkError
+from ..interfaces import LossTerm
 from .keys import WatermarkKey
 
 
@@ -50,13 +52,31 @@ def trigger_set(key: WatermarkKey, tokenizer, classes: int) -> TriggerSet:
     return TriggerSet(texts, key.rng("trigger-labels").integers(classes, size=key.triggers), classes)
 
 
-def mix(data: EncodedDataset, triggers: EncodedDataset, rate: float) -> EncodedDataset:
-    """The client's data with the triggers repeated to make up about `rate` of it: batches drawn from it (shuffled
-    or Poisson-sampled) then hold triggers at that rate."""
-    if not len(triggers) or rate <= 0:
-        return data
-    repeats = max(1, round(rate * len(data) / ((1 - rate) * len(triggers))))
-    return data.extended(triggers.subset(np.tile(np.arange(len(triggers)), repeats)))
+class TriggerLoss(LossTerm):
+    """The mean cross-entropy on the key's trigger inputs, weighted as if they made up `rate` of every step's
+    examples in the global model's training.
+
+    A client's update reaches the global model divided by the K clients averaged, so the term is weighted K
+    times: the federation as a whole then trains on every client's triggers at `rate`.
+
+    The triggers come from the key, not from the client's data: the term reads no private example, so under
+    DP-SGD it joins each step after clipping and noise, at no cost in ε, and the noise does not drown it. It runs
+    without dropout, as verification will query the model.
+    """
+
+    name = "trigger set"
+
+    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, rate: float, clients: int):
+        self.model, self.batch = model, batch
+        self.weight = clients * rate / (1 - rate)
+
+    def __call__(self) -> torch.Tensor:
+        training = self.model.training
+        self.model.eval()
+        try:
+            return self.weight * self.model(**self.batch).loss
+        finally:
+            self.model.train(training)
 
 
 def _words(tokenizer) -> list[str]:
