@@ -195,8 +195,8 @@ class WatermarkConfig(Section):
     bits: int | None = Field(None, ge=16, le=65_536, description="made keys: bits per client (default 64)")
     triggers: int | None = Field(None, ge=0, le=100_000, description="made keys: trigger inputs per client "
                                  "(default 32; 0: none)")
-    trigger_rate: float = Field(0.05, ge=0, lt=0.5, description="each client's trigger inputs weigh in the "
-                                "global model's training as if they were this share of its examples")
+    trigger_rate: float = Field(0.05, ge=0, lt=0.5, description="r: each client's trigger loss weighs "
+                                "K·r/(1 − r) against the task's mean loss, K the clients averaged per round")
     weight: float = Field(1.0, gt=0, le=1e4, description="α, the weight of the bits' hinge loss")
     margin: float = Field(0.1, gt=0, le=100, description="m: the hinge pushes each projection this far past zero")
 

@@ -40,8 +40,8 @@ def watermarked_job(folder, model, sample, secure: dict | None = None, **waterma
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, wide_model, sst2_sample):
     """4 clients, each with its own key made into the run's keys/, under DP-SGD and SecAgg+ (the default). The
-    trigger term runs with Opacus's hooks off: were they on, its pass would break the next step's per-example
-    gradients."""
+    trigger term runs with Opacus's hooks off: were they on, its backward would fail for want of recorded
+    activations."""
     folder = tmp_path_factory.mktemp("watermarked")
     result = run(load_job(watermarked_job(folder, wide_model, sst2_sample)), out=folder / "run")
     keys = [WatermarkKey.load(folder / "run" / "keys" / f"client-{c}.wmkey") for c in range(4)]
@@ -170,6 +170,7 @@ def test_the_trigger_loss_teaches_the_keys_labels(tmp_path, wide_model, sst2_sam
     assert term.weight == pytest.approx(4 * 0.2 / 0.8)
     model = task.bundle.model
     model.train()
+    assert term().item() == term().item()  # no dropout inside the term, though the model trains
     optimizer = torch.optim.Adam(task.bundle.view.parameters, lr=0.01)
     for _ in range(30):
         optimizer.zero_grad()

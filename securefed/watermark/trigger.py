@@ -53,11 +53,10 @@ def trigger_set(key: WatermarkKey, tokenizer, classes: int) -> TriggerSet:
 
 
 class TriggerLoss(LossTerm):
-    """The mean cross-entropy on the key's trigger inputs, weighted as if they made up `rate` of every step's
-    examples in the global model's training.
+    """The mean cross-entropy on the key's trigger inputs, weighted K·rate/(1 − rate) against the task's mean loss.
 
-    A client's update reaches the global model divided by the K clients averaged, so the term is weighted K
-    times: the federation as a whole then trains on every client's triggers at `rate`.
+    A client's update reaches the global model scaled by its share of the examples, about 1/K for K clients
+    averaged: the factor K lets the global model see each client's triggers at about `rate`.
 
     The triggers come from the key, not from the client's data: the term reads no private example, so under
     DP-SGD it joins each step after clipping and noise, at no cost in ε, and the noise does not drown it. It runs
