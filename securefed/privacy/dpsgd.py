@@ -143,7 +143,8 @@ class DPSGD(TrainingWrapper):
 
     @contextmanager
     def unrecorded(self):
-        """Opacus's hooks off: a loss term's pass must not add per-example gradients to the next step's."""
+        """Opacus's hooks off for a loss term's pass: it reads no example, so it has no per-example gradients
+        (and, run without dropout, records no activations for the backward hook to find)."""
         self.module.disable_hooks()
         try:
             yield
