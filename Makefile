@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS ?= --quiet --disable-pip-version-check --no-compile
 export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup run test test-slow bench clean
@@ -18,10 +19,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install $(PIP_FLAGS) -e '.[test]'
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[test,flower]'
 	touch $@
 
-setup: $(VENV)/.installed-test  ## the environment for development: package, test tools
+setup: $(VENV)/.installed-test  ## the environment for development: package, test tools, Flower
 
 JOB ?= examples/quickstart.toml
 
@@ -31,7 +32,7 @@ run: $(VENV)/.installed  ## a job (default: the quickstart; make run JOB=example
 test: $(VENV)/.installed-test  ## the default (fast) test tier
 	$(BIN)/python -m pytest
 
-test-slow: $(VENV)/.installed-test  ## the slow tier: whole jobs on real data
+test-slow: $(VENV)/.installed-test  ## the slow tier: whole jobs on real data, Flower on 127.0.0.1
 	$(BIN)/python -m pytest -m slow
 
 bench: $(VENV)/.installed-test  ## benchmarks; each prints JSON against a baseline measured in the same run

@@ -270,6 +270,205 @@ def merge(
     console.print(f"wrote {out}", markup=False, highlight=False)
 
 
+@app.command()
+def partition(
+    job: Annotated[Path, typer.Argument(help="the job TOML")],
+    out: Annotated[Path, typer.Option("--out", help="a folder for client-<i> files")],
+) -> None:
+    """Write each client's share of the job's training data as its own file, in the job's data format (what each
+    organisation would hold when the job runs across machines)."""
+    from .data.partition import write_partitions
+
+    paths = write_partitions(load_job(job), out)
+    console.print(f"wrote {len(paths)} partitions to {out}", markup=False, highlight=False)
+
+
+flower_app = typer.Typer(help="Run a job across machines on Flower (SuperLink and SuperNodes, TLS and node "
+                         "authentication). Needs the extra: pip install 'securefed[flower]'.", no_args_is_help=True)
+app.add_typer(flower_app, name="flower")
+SuperLinkOption = Annotated[str, typer.Option("--superlink", help="the SuperLink's HOST:PORT")]
+CaOption = Annotated[Path | None, typer.Option("--ca", help="the CA certificate that signed the SuperLink's")]
+InsecureOption = Annotated[bool, typer.Option("--insecure", help="plain HTTP, no node authentication: for a "
+                                              "closed test network only")]
+
+
+def _tls(ca: Path | None, insecure: bool) -> Path | None:
+    if insecure == (ca is not None):
+        raise SecurefedError("give --ca (TLS, the default) or --insecure, not both or neither")
+    return ca
+
+
+@flower_app.command("certs")
+def flower_certs(
+    out: Annotated[Path, typer.Option("--out", help="an empty folder for the certificates and keys")],
+    nodes: Annotated[int, typer.Option("--nodes", min=1, help="node authentication key pairs to make")] = 3,
+    host: Annotated[list[str] | None, typer.Option("--host", help="a name or address the SuperLink is reached "
+                                                   "at (repeat; default 127.0.0.1 and localhost)")] = None,
+) -> None:
+    """Make a test CA, a SuperLink certificate and node authentication keys (EC P-384)."""
+    from .runtime.deployment import make_certificates
+
+    certs = make_certificates(out, nodes, host or ["127.0.0.1", "localhost"])
+    console.print(f"wrote {certs.ca}, the SuperLink's server.pem and server.key, and node-<i>.key/.pub for "
+                  f"{nodes} nodes. Give node i its node-<i>.key; register each node-<i>.pub with "
+                  "`securefed flower register`.", markup=False, highlight=False)
+
+
+@flower_app.command("app")
+def flower_app_folder(
+    job: Annotated[Path, typer.Argument(help="the job TOML")],
+    out: Annotated[Path, typer.Option("--out", help="an empty folder for the Flower App")],
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="where the server writes the run (default: "
+                                                 "runs/<name>, on the SuperLink's machine)")] = None,
+    reply_timeout: Annotated[float, typer.Option("--reply-timeout", min=1.0, help="seconds a node may take per "
+                                                 "message before it counts as dropped")] = 900.0,
+    join_timeout: Annotated[float, typer.Option("--join-timeout", min=1.0, help="seconds to wait for the "
+                                                "clients' nodes")] = 300.0,
+) -> None:
+    """Write a Flower App that runs JOB: securefed's ServerApp and ClientApp, with the job in its run config."""
+    from .data.datasets import label_names
+    from .runtime.deployment import write_app
+
+    config = load_job(job)
+    where = run_dir or config.output.dir or Path("runs") / config.name
+    written = write_app(config, label_names(config.data), out, where, reply_timeout=reply_timeout,
+                       join_timeout=join_timeout)
+    console.print(f"wrote {written}; the server will write its run to {where.resolve()}. Start it with "
+                  f"`securefed flower run {out} --superlink HOST:PORT --ca CA`.", markup=False, highlight=False)
+
+
+@flower_app.command("serve")
+def flower_serve(
+    certs: Annotated[Path | None, typer.Option("--certs", help="the folder `flower certs` wrote (ca.crt, "
+                                               "server.pem, server.key)")] = None,
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8000,
+    database: Annotated[Path | None, typer.Option("--database", help="SQLite file for the SuperLink's state "
+                                                  "(default: in memory)")] = None,
+    insecure: InsecureOption = False,
+) -> None:
+    """Start a SuperLink: TLS and node authentication on (register nodes with `flower register`)."""
+    from .runtime.deployment import Certificates, flower_env, superlink_command
+
+    if insecure == (certs is not None):
+        raise SecurefedError("give --certs (TLS, the default) or --insecure, not both or neither")
+    command = superlink_command(Certificates(certs) if certs else None, host, port, database)
+    _exec(command, flower_env())
+
+
+@flower_app.command("register")
+def flower_register(
+    public_key: Annotated[Path, typer.Argument(help="a node's public key (node-<i>.pub)")],
+    superlink: SuperLinkOption,
+    ca: CaOption = None,
+) -> None:
+    """Allow a node's key on the SuperLink (its node authentication)."""
+    from .runtime.deployment import FlowerCli
+
+    cli = FlowerCli(superlink, _tls(ca, False))
+    try:
+        console.print(cli.register(public_key), markup=False, highlight=False)
+    finally:
+        cli.close()
+
+
+@flower_app.command("join")
+def flower_join(
+    superlink: SuperLinkOption,
+    client: Annotated[int, typer.Option("--client", min=0, help="this organisation's client id in the job")],
+    data: Annotated[Path, typer.Option("--data", help="this organisation's training data, in the job's format")],
+    auth_key: Annotated[Path | None, typer.Option("--auth-key", help="this node's private key (node-<i>.key), "
+                                                  "registered on the SuperLink")] = None,
+    ca: CaOption = None,
+    key: Annotated[Path | None, typer.Option("--key", help="this organisation's watermark key (default: one is "
+                                             "made in --dir)")] = None,
+    node_dir: Annotated[Path, typer.Option("--dir", help="where this node keeps its ledgers, secrets and "
+                                           "keys")] = Path("securefed-node"),
+    port: Annotated[int, typer.Option("--port", help="the SuperNode's local port (one per node on a "
+                                      "machine)")] = 9094,
+    insecure: InsecureOption = False,
+) -> None:
+    """Start a SuperNode for one organisation: its data, ledger and key stay on this machine."""
+    from .runtime.deployment import flower_env, supernode_command
+
+    ca = _tls(ca, insecure)
+    if not data.is_file():
+        raise SecurefedError(f"{data}: data file not found")
+    if key is not None and not key.is_file():
+        raise SecurefedError(f"{key}: key file not found")
+    node_dir.mkdir(parents=True, exist_ok=True)
+    config = {"client": client, "data": str(data.resolve()), "dir": str(node_dir.resolve())}
+    if key is not None:
+        config["key"] = str(key.resolve())
+    _exec(supernode_command(superlink, ca, auth_key, config, port), flower_env())
+
+
+@flower_app.command("run")
+def flower_run(
+    app_dir: Annotated[Path, typer.Argument(help="the folder `flower app` wrote")],
+    superlink: SuperLinkOption,
+    ca: CaOption = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="seconds to wait for the run")] = 86400.0,
+    insecure: InsecureOption = False,
+) -> None:
+    """Start the App's run on the SuperLink and wait for it; exit non-zero unless it completes."""
+    from .runtime.deployment import FlowerCli
+
+    if not (app_dir / "pyproject.toml").is_file():
+        raise SecurefedError(f"{app_dir} is not a Flower App folder (no pyproject.toml)")
+    cli = FlowerCli(superlink, _tls(ca, insecure))
+    try:
+        run_id = cli.start(app_dir)
+        console.print(f"run {run_id} started; waiting (the server's log: flwr log {run_id})", markup=False,
+                      highlight=False)
+        try:
+            with console.status(f"run {run_id}"):
+                status = cli.wait(run_id, timeout)
+        except KeyboardInterrupt:
+            console.print(f"stopped waiting; run {run_id} goes on (`flwr stop {run_id}` stops it)", markup=False,
+                          highlight=False)
+            raise typer.Exit(130) from None
+        console.print(f"run {run_id}: {status}", markup=False, highlight=False)
+    finally:
+        cli.close()
+
+
+@flower_app.command("demo")
+def flower_demo(
+    job: Annotated[Path, typer.Argument(help="the job TOML")],
+    out: Annotated[Path, typer.Option("--out", help="an empty folder for everything: certificates, each node's "
+                                      "folder, logs, and the run in run/")],
+    timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="seconds to wait for the run")] = 86400.0,
+) -> None:
+    """Run JOB across real Flower processes on this machine: a SuperLink and one SuperNode per client on
+    127.0.0.1, with TLS and node authentication, each client holding only its share of the data."""
+    from .rundir import RunDir
+    from .runtime.deployment import Loopback, check_deployable
+
+    config = load_job(job)
+    check_deployable(config)
+    if out.exists() and any(out.iterdir()):
+        raise SecurefedError(f"{out} is not empty; give a new folder")
+    deployment = Loopback(out.resolve())
+    try:
+        with console.status(f"{config.federation.clients} SuperNodes on 127.0.0.1 running {job} "
+                            f"(logs in {out / 'logs'})"):
+            run_dir = deployment.run_job(job.resolve(), timeout)
+    finally:
+        deployment.stop_all()
+    console.print(_summary(RunDir(run_dir).records()))
+    console.print(f"done: {run_dir / 'report.md'}", markup=False, highlight=False)
+
+
+def _exec(command: list[str], env: dict[str, str]) -> None:
+    """Become the Flower process, so that its signals and exit code are the command's own."""
+    import os
+
+    console.print(" ".join(command), markup=False, highlight=False)
+    sys.stderr.flush()
+    os.execve(command[0], command, env)
+
+
 def _summary(records: Sequence[Mapping]) -> Table:
     table = Table(title="rounds")
     for name in ("round", "clients", "train loss", "dev loss", "dev acc", "MB down", "MB up", "seconds"):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import ProtocolError
-from .protocol import Message, PlainModel
+from .protocol import Message, PlainModel, decode
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +55,15 @@ class SumClient(ABC):
         if model.weights.shape != (size,):
             raise ProtocolError(f"the global model has {model.weights.shape[0]} weights, this model has {size}")
         return model.weights
+
+    def state(self) -> bytes:
+        """The protocol state, for a runtime that runs each message in a new process (Flower); empty when none."""
+        return b""
+
+    def restore(self, state: bytes) -> None:
+        """Take up the state `state()` returned."""
+        if state:
+            raise ProtocolError(f"{type(self).__name__} keeps no state to restore")
 
     @abstractmethod
     def upload(self, round: int, vector: np.ndarray) -> Message:
@@ -162,6 +171,14 @@ class Exchange:
     bytes_up: int = 0
     seconds: float = 0.0  # wall time of the whole exchange
     client_seconds: float = 0.0  # of which the clients spent computing
+
+    def receive(self, cid: int, wire: bytes) -> None:
+        """Count and decode one client's reply; a malformed one makes that client a dropout."""
+        self.bytes_up += len(wire)
+        try:
+            self.replies[cid] = decode(wire)
+        except ProtocolError as exc:
+            self.dropped[cid] = f"sent a malformed reply: {exc}"
 
 
 class Grid(ABC):

@@ -6,18 +6,18 @@ a line here; client.py and server.py stay as they are.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from . import secure_sum
 from .client import Client, LocalTraining
-from .config import CkksConfig, JobConfig, SecAggPlusConfig
+from .config import JobConfig
 from .data import EncodedDataset, PadCollator, Splits, encode, load_splits, partition
 from .errors import ConfigError
-from .interfaces import Grid, LossTerm, Observer, SumClient, SumServer
+from .interfaces import Grid, LossTerm, Observer
 from .models import Evaluation, ModelBundle, build_model, evaluate
 from .models.saved import load_adapter, save_adapter
 from .privacy.dpsgd import DPSGD, DPSettings, private_module
@@ -25,9 +25,7 @@ from .privacy.ledger import Ledger, ledger_file
 from .protocol import DEFAULT_MAX_BYTES
 from .rundir import RunDir
 from .secagg import ckks, identity
-from .secagg.ckks import CkksClient, CkksServer, CkksSettings
-from .secagg.plaintext import PlainSumClient, PlainSumServer
-from .secagg.secaggplus import SecAggPlusClient, SecAggPlusServer, SecAggPlusSettings
+from .secagg.ckks import CkksSettings
 from .seeding import stream_seed
 from .server import Schedule, Server
 from .watermark.feature import FeatureWatermark, check_capacity, check_carrier, describe_carrier, scale_values
@@ -47,7 +45,7 @@ class Task:
     train: EncodedDataset
     dev: EncodedDataset
     collator: PadCollator
-    secagg: SecAggPlusSettings | CkksSettings | None = None
+    secagg: secure_sum.Settings = None
     identity_keys: dict[int, Ed25519PrivateKey] = field(default_factory=dict)  # when the job lists identities
     private_module: object | None = None  # Opacus's per-example-gradient wrapper of the model, under DP-SGD
     carrier: Carrier | None = None  # the watermark's normalization scales, when the job has watermarks
@@ -60,8 +58,10 @@ class Task:
         return evaluate(self.bundle.model, self.dev, self.collator, self.config.data.eval_batch_size)
 
 
-def load_task(config: JobConfig) -> Task:
-    splits = load_splits(config.data)
+def load_task(config: JobConfig, splits: Splits | None = None) -> Task:
+    """Everything a party of the job needs; `splits` replaces the job's data (a deployed party holds only its own
+    partition, or only the dev split)."""
+    splits = splits or load_splits(config.data)
     keys = [WatermarkKey.load(path) for path in config.watermark.keys or ()] if config.watermark else []
     blocks = keys[0].carrier.blocks if keys else config.watermark.blocks if config.watermark else 0
     bundle = build_model(config.model, config.peft, splits.label_names, stream_seed(config.federation.seed, "init"),
@@ -84,15 +84,13 @@ def load_task(config: JobConfig) -> Task:
         check_capacity(bits, task.carrier)
     if bundle.carrier:
         task.weighting = Weighting(bundle.carrier_mask)
-    if isinstance(config.secagg, SecAggPlusConfig):
-        task.secagg = secaggplus_settings(config)
-    elif isinstance(config.secagg, CkksConfig):
-        task.secagg = ckks_settings(config, task.weighting)
+    task.secagg = secure_sum.settings(config, task.weighting)
+    if isinstance(task.secagg, CkksSettings):
         entries = bundle.view.size + 2  # and n_k, and a count
         if -(-entries // ckks.SLOTS) * 140_000 > DEFAULT_MAX_BYTES:  # ~131 KB per ciphertext chunk
             raise ConfigError(f"secagg: the model has {bundle.view.size:,} trainable values; its CKKS ciphertexts "
                               "would exceed the 256 MiB message limit (about 7.6 million values)")
-    if config.privacy is not None:
+    if config.privacy is not None and len(train):  # a deployed server trains nothing
         was_training = bundle.model.training
         bundle.model.train()
         task.private_module = private_module(bundle.model, task.collator.batch(train, np.arange(min(3, len(train)))))
@@ -101,43 +99,6 @@ def load_task(config: JobConfig) -> Task:
         task.identity_keys = {c: identity.load_private(config.secagg.identities, c, public)
                               for c, public in enumerate(task.secagg.identities)}
     return task
-
-
-def secaggplus_settings(config: JobConfig) -> SecAggPlusSettings:
-    """The SecAgg+ parameters every party derives from the job; the job id binds the identities too."""
-    secagg, clients = config.secagg, config.federation.clients
-    identities, job = _identities(config)
-    return SecAggPlusSettings(job=job, clients=clients, rounds=config.federation.rounds,
-                              degree=config.secagg_degree, threshold=config.secagg_threshold, clip=secagg.clip,
-                              seed=config.federation.seed, identities=identities)
-
-
-def _identities(config: JobConfig) -> tuple[tuple[bytes, ...], bytes]:
-    """The job's listed identities, if any, and the job id, which binds them too."""
-    folder = getattr(config.secagg, "identities", None)
-    identities = identity.load_publics(folder, config.federation.clients) if folder else ()
-    return identities, hashlib.sha256(config.job_id + b"".join(identities)).digest()
-
-
-def ckks_settings(config: JobConfig, weighting: Weighting = BY_EXAMPLES) -> CkksSettings:
-    identities, job = _identities(config)
-    return CkksSettings(job=job, clients=config.federation.clients, identities=identities, weighting=weighting)
-
-
-def secure_sum_server(task: Task) -> SumServer:
-    if isinstance(task.secagg, SecAggPlusSettings):
-        return SecAggPlusServer(task.secagg)
-    if isinstance(task.secagg, CkksSettings):
-        return CkksServer(task.secagg)
-    return PlainSumServer()
-
-
-def secure_sum_client(task: Task, cid: int) -> SumClient:
-    if isinstance(task.secagg, SecAggPlusSettings):
-        return SecAggPlusClient(cid, task.secagg, task.identity_keys.get(cid))
-    if isinstance(task.secagg, CkksSettings):
-        return CkksClient(cid, task.secagg, task.identity_keys.get(cid))
-    return PlainSumClient()
 
 
 def client_datasets(task: Task) -> list[EncodedDataset]:
@@ -168,22 +129,24 @@ def training_wrapper(task: Task, cid: int, examples: int, run: RunDir | None) ->
 
 
 def watermark_keys(task: Task, run: RunDir) -> list[WatermarkKey]:
-    """Each client's key: the ones the job file names, else the run's keys/, made on first use."""
+    return [watermark_key(task, run, cid) for cid in range(task.config.federation.clients)]
+
+
+def watermark_key(task: Task, run: RunDir, cid: int, path: Path | None = None) -> WatermarkKey:
+    """Client `cid`'s key: the file given (a deployed client's own), the one the job file names, else the run's
+    keys/client-<cid>.wmkey, made on first use."""
     config = task.config
-    if task.watermark_keys:
-        return task.watermark_keys
-    keys = []
-    for cid in range(config.federation.clients):
-        path = run.keys_dir / f"client-{cid}{SUFFIX}"
-        if path.exists():
-            key = WatermarkKey.load(path)
-            check_carrier(key, task.carrier, str(path))
-        else:
-            key = WatermarkKey.generate(f"client {cid} of {config.name}", task.carrier, bits=config.watermark.bits,
-                                        triggers=config.watermark.triggers)
-            key.save(path)
-        keys.append(key)
-    return keys
+    if path is None and task.watermark_keys:
+        return task.watermark_keys[cid]
+    path = path or run.keys_dir / f"client-{cid}{SUFFIX}"
+    if not path.exists() and path.parent == run.keys_dir:
+        key = WatermarkKey.generate(f"client {cid} of {config.name}", task.carrier, bits=config.watermark.bits,
+                                    triggers=config.watermark.triggers)
+        key.save(path)
+        return key
+    key = WatermarkKey.load(path)
+    check_carrier(key, task.carrier, str(path))
+    return key
 
 
 def watermark_terms(task: Task, key: WatermarkKey) -> list[LossTerm]:
@@ -212,14 +175,15 @@ def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer |
                              learning_rate_decay=fed.learning_rate_decay, weight_decay=fed.weight_decay,
                              seed=fed.seed, group_by_length=fed.group_by_length, optimizer=fed.optimizer,
                              momentum=fed.momentum)
-    return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training,
-                  secure_sum_client(task, cid), loss_terms, observer=observer, evaluate=task.evaluate,
-                  wrapper=training_wrapper(task, cid, len(data), run), weighting=task.weighting)
+    sum_client = secure_sum.client(task.secagg, cid, task.identity_keys.get(cid))
+    return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training, sum_client, loss_terms,
+                  observer=observer, evaluate=task.evaluate, wrapper=training_wrapper(task, cid, len(data), run),
+                  weighting=task.weighting)
 
 
 def make_server(task: Task, grid: Grid, run: RunDir, observer: Observer | None = None) -> Server:
     view = task.bundle.view
-    return Server(schedule(task.config), view.spec.digest, view.size, secure_sum_server(task), grid, run,
+    return Server(schedule(task.config), view.spec.digest, view.size, secure_sum.server(task.secagg), grid, run,
                   task.evaluate, observer, task.weighting)
 
 

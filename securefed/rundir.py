@@ -69,23 +69,38 @@ class RunDir:
                               f"({_first_difference(recorded, job)})")
         return run
 
+    @classmethod
+    def for_job(cls, job: JobConfig, path: Path) -> RunDir:
+        """The folder of `job` at `path`: created on first use, then only ever reopened for the same job."""
+        return cls.resume(path, job) if (path / "job.toml").exists() else cls.create(job, path)
+
     def secret(self, name: str) -> int:
         """A 63-bit secret kept in `secrets/<name>` (made on first use, readable by its owner only).
 
         In-process, the clients' secrets live in the run directory; across machines each node keeps its own.
         """
+        return int.from_bytes(self._secret(name, 8), "big") >> 1
+
+    def secret_key(self, name: str) -> bytes:
+        """A 256-bit key kept like `secret`."""
+        key = self._secret(name, 32)
+        if len(key) != 32:
+            raise RunDirError(f"{self.path / 'secrets' / name}: not a 256-bit key")
+        return key
+
+    def _secret(self, name: str, size: int) -> bytes:
         path = self.path / "secrets" / name
         if not path.exists():
             path.parent.mkdir(mode=0o700, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w", encoding="ascii") as fh:
-                fh.write(os.urandom(8).hex() + "\n")
+                fh.write(os.urandom(size).hex() + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         try:
-            return int(path.read_text(encoding="ascii").strip(), 16) >> 1
+            return bytes.fromhex(path.read_text(encoding="ascii").strip())
         except (OSError, ValueError) as exc:
             raise RunDirError(f"{path}: unreadable secret ({exc})") from None
 

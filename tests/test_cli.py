@@ -104,3 +104,18 @@ def test_ctrl_c_says_how_to_resume_and_resume_finishes(tmp_path, tiny_model, sst
     finished = securefed("run", "job.toml", "--resume", "run", cwd=tmp_path)
     assert finished.returncode == 0 and "resuming after round" in finished.stderr
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 10
+
+
+def test_flower_and_partition_commands_refuse_bad_input_in_one_line(tmp_path, tiny_model, sst2_sample):
+    write_job(tmp_path, tiny_model, *sst2_sample, secagg={"mode": "ckks"})
+    assert_user_error(securefed("flower", "app", "job.toml", "--out", "app", cwd=tmp_path), "CKKS", "Flower")
+    assert not (tmp_path / "app").exists()
+    assert_user_error(securefed("flower", "serve", cwd=tmp_path), "--certs", "--insecure")
+    assert_user_error(securefed("flower", "serve", "--certs", "nocerts", cwd=tmp_path), "ca.crt", "not found")
+    assert_user_error(securefed("flower", "join", "--superlink", "127.0.0.1:1", "--client", "0", "--data",
+                                "absent.tsv", "--ca", "ca.crt", "--auth-key", "node.key", cwd=tmp_path),
+                      "absent.tsv", "not found")
+    assert_user_error(securefed("flower", "run", "nothing", "--superlink", "127.0.0.1:1", "--ca", "ca.crt",
+                                cwd=tmp_path), "not a Flower App")
+    assert_user_error(securefed("partition", "nope.toml", "--out", "parts", cwd=tmp_path), "nope.toml", "not found")
+    assert not (tmp_path / "parts").exists()

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 from conftest import mutated
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats
@@ -54,10 +55,13 @@ class Federation:
             if tamper:
                 wire = tamper(cid, wire)
             try:
-                replies[cid] = decode(encode(self.clients[cid].reply(decode(wire))))
+                replies[cid] = decode(encode(self.client(cid).reply(decode(wire))))
             except ProtocolError:
                 pass  # a refusing client is a dropout
         return replies
+
+    def client(self, cid: int) -> SecAggPlusClient:
+        return self.clients[cid]
 
     def setup(self, drops: tuple = ((), (), ())) -> None:
         requests = self.server.setup(list(self.clients), self.rounds)
@@ -68,13 +72,23 @@ class Federation:
 
     def round(self, number: int, vectors: dict[int, np.ndarray], drop_upload=(), drop_unmask=(), drop_sign=()):
         self.server.open(number, sorted(self.clients), SIZE)
-        uploads = {c: decode(encode(self.clients[c].upload(number, v))) for c, v in vectors.items()
+        uploads = {c: decode(encode(self.client(c).upload(number, v))) for c, v in vectors.items()
                    if c not in drop_upload}
         step = self.server.step(uploads)
         while isinstance(step, dict):
             signing = any(isinstance(m, SurvivorsRequest) for m in step.values())
             step = self.server.step(self.exchange(step, set(drop_sign if signing else drop_unmask)))
         return step
+
+
+class Reborn(Federation):
+    """Each client is rebuilt from its saved state before every message, as a deployed (Flower) client is."""
+
+    def client(self, cid: int) -> SecAggPlusClient:
+        old = self.clients[cid]
+        self.clients[cid] = SecAggPlusClient(cid, self.settings, old.identity_key)
+        self.clients[cid].restore(old.state())
+        return self.clients[cid]
 
 
 def vectors(n: int, seed: int = 0) -> dict[int, np.ndarray]:
@@ -439,3 +453,45 @@ def test_a_plain_client_signs_nothing():
 
 
 _VALID = _valid_wires()
+
+
+# ---------------------------------------------------------------- one process per message
+
+
+@pytest.mark.parametrize("hardened_mode", [False, True])
+def test_clients_rebuilt_from_their_state_before_every_message_sum_exactly(hardened_mode):
+    n = 7
+    keys = {c: Ed25519PrivateKey.generate() for c in range(n)} if hardened_mode else None
+    settings = make_settings(n, threshold=5 if hardened_mode else None)
+    if keys:
+        settings = dataclasses.replace(settings, identities=tuple(keys[c].public_key().public_bytes_raw()
+                                                                  for c in range(n)))
+    fed = Reborn(settings, keys=keys)
+    fed.setup()
+    for number, dropped in ((1, {2}), (2, set()), (3, {0})):
+        xs = vectors(n, number)
+        result = fed.round(number, xs, drop_upload=dropped)
+        summed = sorted(set(range(n)) - dropped)
+        assert result.contributors == tuple(summed)
+        np.testing.assert_array_equal(result.total, encoded_sum(fed.settings, number, xs, summed))
+
+
+def test_a_rebuilt_client_still_refuses_what_it_already_did(ready):
+    fed = Reborn(ready.settings)
+    fed.clients = ready.clients
+    cid = 0
+    with pytest.raises(ProtocolError, match="masks are never reused"):
+        fed.client(cid).upload(1, np.zeros(SIZE, dtype=np.float32))
+    neighbours = sorted(fed.client(cid)._setup.adverts)
+    request = UnmaskRequest(round=1, survivors=tuple(neighbours), dropped=(), everyone=(), signatures=())
+    fed.client(cid).reply(request)
+    with pytest.raises(ProtocolError, match="already unmasked"):
+        fed.client(cid).reply(request)
+    assert 1 not in fed.client(cid)._setup.mask_keys  # the round's secrets are gone for good
+
+
+def test_a_damaged_state_is_refused_not_trusted(ready):
+    state = ready.clients[0].state()
+    with pytest.raises(ProtocolError):
+        SecAggPlusClient(0, ready.settings).restore(state[:-5])
+    assert SecAggPlusClient(0, ready.settings).state() == b""

@@ -72,30 +72,57 @@ class Splits:
 def load_splits(config: DataConfig) -> Splits:
     """Load train and dev; labels are mapped to 0..K-1 in a fixed order taken from train."""
     source = source_of(config)
-    tables = {}
-    for name, path in (("train", source.train), ("dev", source.dev)):
-        table = load_table(path, source.format, header=source.header, columns=source.columns)  # type: ignore[arg-type]
-        if not table or not next(iter(table.values())):
-            raise DataError(f"{path}: no rows (data.{name})")
-        tables[name] = table
-    train_labels = column(tables["train"], source.label_field, source.train, "data.label_field")
-    label_names = _label_order(train_labels)
-    index = {name: i for i, name in enumerate(label_names)}
+    tables = {name: _load(source, path, name) for name, path in (("train", source.train), ("dev", source.dev))}
+    label_names = _label_order(column(tables["train"], source.label_field, source.train, "data.label_field"))
     if len(label_names) < 2:
         raise DataError(f"{source.train}: a classification task needs at least 2 labels, found {label_names}")
+    return Splits(_split(source, tables["train"], source.train, label_names, "train"),
+                  _split(source, tables["dev"], source.dev, label_names, "train"), label_names)
 
-    def split(table: Table, path: Path) -> Split:
-        texts = column(table, source.text_field, path, "data.text_field")
-        raw = column(table, source.label_field, path, "data.label_field")
-        labels = np.empty(len(raw), dtype=np.int64)
-        for row, value in enumerate(raw):
-            key = str(value)
-            if key not in index:
-                raise DataError(f"{path}: row {row + 1} has label {key!r}, which train does not have")
-            labels[row] = index[key]
-        return Split(texts=[str(t) for t in texts], labels=labels, table=table, path=path)
 
-    return Splits(split(tables["train"], source.train), split(tables["dev"], source.dev), label_names)
+def label_names(config: DataConfig) -> list[str]:
+    """The label order of a job whose training data lies with its clients: the dev split's."""
+    source = source_of(config)
+    table = _load(source, source.dev, "dev")
+    return _label_order(column(table, source.label_field, source.dev, "data.label_field"))
+
+
+def load_labelled(config: DataConfig, path: Path, label_names: list[str], setting: str) -> Split:
+    """A file in the job's data format (a client's own partition, or the dev split), with the job's labels."""
+    source = source_of(config)
+    return _split(source, _load(source, path, setting), path, label_names, "the job")
+
+
+def party_splits(config: DataConfig, label_names: list[str], partition: Path | None = None) -> Splits:
+    """A deployed party's data: a client's own partition (and no dev split), or the server's dev split alone."""
+    if partition is not None:
+        return Splits(load_labelled(config, partition, label_names, "partition"), _empty(partition), label_names)
+    dev = source_of(config).dev
+    return Splits(_empty(dev), load_labelled(config, dev, label_names, "dev"), label_names)
+
+
+def _empty(path: Path) -> Split:
+    return Split(texts=[], labels=np.empty(0, dtype=np.int64), table={}, path=path)
+
+
+def _load(source: Source, path: Path, setting: str) -> Table:
+    table = load_table(path, source.format, header=source.header, columns=source.columns)  # type: ignore[arg-type]
+    if not table or not next(iter(table.values())):
+        raise DataError(f"{path}: no rows (data.{setting})")
+    return table
+
+
+def _split(source: Source, table: Table, path: Path, label_names: list[str], labels_from: str) -> Split:
+    index = {name: i for i, name in enumerate(label_names)}
+    texts = column(table, source.text_field, path, "data.text_field")
+    raw = column(table, source.label_field, path, "data.label_field")
+    labels = np.empty(len(raw), dtype=np.int64)
+    for row, value in enumerate(raw):
+        key = str(value)
+        if key not in index:
+            raise DataError(f"{path}: row {row + 1} has label {key!r}, which {labels_from} does not have")
+        labels[row] = index[key]
+    return Split(texts=[str(t) for t in texts], labels=labels, table=table, path=path)
 
 
 def _label_order(values: list[Any]) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,22 @@ def load_table(
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def write_table(table: Table, rows: Sequence[int], path: Path, fmt: Format, *, header: bool = True) -> None:
+    """Write the given rows of a table in a format `load_table` reads back as they were."""
+    names = list(table)
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        if fmt == "jsonl":
+            for row in rows:
+                fh.write(json.dumps({name: table[name][row] for name in names}, ensure_ascii=False) + "\n")
+            return
+        tsv = fmt == "tsv"
+        writer = csv.writer(fh, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+                            lineterminator="\n")
+        if header:
+            writer.writerow(names)
+        writer.writerows([table[name][row] for name in names] for row in rows)
 
 
 def _read_delimited(fh, path: Path, delimiter: str, header: bool, columns: list[str] | None) -> Table:

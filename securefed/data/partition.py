@@ -6,13 +6,15 @@ The same seed always gives the same partition.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from ..config import ByFieldPartition, DirichletPartition, IidPartition, PartitionConfig
+from ..config import ByFieldPartition, DirichletPartition, IidPartition, JobConfig, PartitionConfig
 from ..errors import DataError
 from ..seeding import stream
-from .datasets import Split
-from .loaders import column
+from .datasets import Split, load_splits, source_of
+from .loaders import column, infer_format, write_table
 
 _MAX_DRAWS = 200
 
@@ -29,6 +31,22 @@ def partition(split: Split, clients: int, config: PartitionConfig, seed: int) ->
         case ByFieldPartition(field=field):
             return by_field(column(split.table, field, split.path, "partition.field"), clients, split.path)
     raise AssertionError(f"unhandled partition {config!r}")
+
+
+def write_partitions(config: JobConfig, out: Path) -> list[Path]:
+    """Each client's share of the job's training data as its own file, in the job's data format: what each
+    organisation holds when the job runs across machines (a demonstration; real organisations bring theirs)."""
+    splits = load_splits(config.data)
+    source = source_of(config.data)
+    fmt = source.format or infer_format(source.train)
+    fed = config.federation
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for cid, rows in enumerate(partition(splits.train, fed.clients, config.partition, fed.seed)):
+        path = out / f"client-{cid}.{fmt}"
+        write_table(splits.train.table, rows.tolist(), path, fmt, header=source.header)
+        paths.append(path)
+    return paths
 
 
 def iid(n: int, clients: int, rng: np.random.Generator) -> list[np.ndarray]:

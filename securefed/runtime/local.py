@@ -52,11 +52,7 @@ class LocalGrid(Grid):
                 continue
             finally:
                 out.client_seconds += time.perf_counter() - computing
-            out.bytes_up += len(wire)
-            try:
-                out.replies[cid] = decode(wire)
-            except ProtocolError as exc:
-                out.dropped[cid] = f"sent a malformed reply: {exc}"
+            out.receive(cid, wire)
         out.seconds = time.perf_counter() - started
         return out
 

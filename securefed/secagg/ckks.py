@@ -187,6 +187,9 @@ class CkksClient(SumClient):
         self._context: ts.Context | None = None
         self._global: np.ndarray | None = None  # the global model this client last opened
 
+    def state(self) -> bytes:
+        raise ProtocolError("a CKKS client keeps its secret key in memory only; it cannot run one process per message")
+
     def reply(self, request: Message) -> Message:
         if isinstance(request, CkksSetupStart):
             return self._advertise()

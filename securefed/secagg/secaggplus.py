@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ..errors import ProtocolError, RoundAborted, SetupFailed
 from ..interfaces import SumClient, SumResult, SumServer
-from ..protocol import Array, MaxLen, Message, message
+from ..protocol import Array, MaxLen, Message, decode, encode, message
 from ..seeding import stream
 from . import identity, shamir
 from .channel import channel_key, check_public_key, public_bytes, seal, shared_secret, unseal
@@ -131,6 +131,27 @@ class UnmaskReply(Message):
     key_shares: Shares  # in the order of `dropped`
 
 
+@message(43)
+class ClientState(Message):
+    """A client's setup and progress, carried between processes (a deployed client runs one per message)."""
+
+    first_round: int
+    last_round: int
+    channel: Key32  # the X25519 private keys and seeds, raw
+    secret_rounds: Ids  # the rounds whose mask key and self seed the client still holds
+    mask_keys: KeyTable
+    seeds: KeyTable
+    adverts: tuple[KeyAdvert, ...]
+    own_shares: Annotated[bytes, MaxLen(MAX_ROUNDS * _SHARES_PER_ROUND)]
+    holders: Ids  # the neighbours whose shares the client holds
+    held: Ciphertexts
+    ready: bool
+    uploaded: Ids
+    signed_rounds: Ids
+    signed: Ciphertexts  # each round's signed survivor list, as int64s
+    answered: Ids
+
+
 @dataclass(frozen=True)
 class SecAggPlusSettings:
     job: bytes  # binds every key and ciphertext to this job
@@ -217,6 +238,38 @@ class SecAggPlusClient(SumClient):
         if isinstance(request, UnmaskRequest):
             return self._unmask(request)
         return super().reply(request)
+
+    def state(self) -> bytes:
+        setup = self._setup
+        if setup is None:
+            return b""
+        kept = sorted(setup.mask_keys)
+        return encode(ClientState(
+            first_round=setup.rounds.start, last_round=setup.rounds.stop - 1, channel=setup.channel.private_bytes_raw(),
+            secret_rounds=tuple(kept), mask_keys=_table(setup.mask_keys[r].private_bytes_raw() for r in kept),
+            seeds=_table(setup.seeds[r] for r in kept), adverts=tuple(setup.adverts[v] for v in sorted(setup.adverts)),
+            own_shares=setup.own_shares, holders=tuple(sorted(setup.held)),
+            held=tuple(setup.held[v] for v in sorted(setup.held)), ready=setup.ready,
+            uploaded=tuple(sorted(setup.uploaded)), signed_rounds=tuple(sorted(setup.signed)),
+            signed=tuple(np.array(setup.signed[r], dtype="<i8").tobytes() for r in sorted(setup.signed)),
+            answered=tuple(sorted(setup.answered))))
+
+    def restore(self, state: bytes) -> None:
+        if not state:
+            self._setup = None
+            return
+        s = decode(state, ClientState)
+        if not (len(s.secret_rounds) == len(s.mask_keys) == len(s.seeds) and len(s.holders) == len(s.held)
+                and len(s.signed_rounds) == len(s.signed)):
+            raise ProtocolError("the saved SecAgg+ client state is inconsistent")
+        self._setup = _Setup(
+            rounds=range(s.first_round, s.last_round + 1), channel=X25519PrivateKey.from_private_bytes(s.channel),
+            mask_keys={r: X25519PrivateKey.from_private_bytes(bytes(k)) for r, k in zip(s.secret_rounds, s.mask_keys)},
+            seeds={r: bytes(seed) for r, seed in zip(s.secret_rounds, s.seeds)},
+            adverts={a.client: a for a in s.adverts}, own_shares=s.own_shares, held=dict(zip(s.holders, s.held)),
+            ready=s.ready, uploaded=set(s.uploaded),
+            signed={r: tuple(int(v) for v in np.frombuffer(b, dtype="<i8")) for r, b in zip(s.signed_rounds, s.signed)},
+            answered=set(s.answered))
 
     def _advertise(self, start: SetupStart) -> KeyAdvert:
         if not 1 <= start.first_round <= start.last_round <= self.settings.rounds:

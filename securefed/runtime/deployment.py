@@ -1,0 +1,460 @@
+"""Setting up a Flower deployment: a test CA and node keys, the App folder, and the Flower commands to run.
+
+Nothing here imports flwr; the commands are Flower's own (`flower-superlink`, `flower-supernode`,
+`flwr`), started with telemetry, update checks and per-run dependency installs switched off.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..config import JobConfig, dump_toml, load_job, parse_job
+from ..errors import ConfigError, SecurefedError
+from ..rundir import RunDir
+
+OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+CONNECTION = "securefed"  # the name of the SuperLink connection in the flwr CLI's config
+
+
+def flower_env(home: Path | None = None) -> dict[str, str]:
+    """The environment of every Flower process: offline, and with this interpreter's scripts first on the PATH,
+    since Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name."""
+    scripts = str(Path(sys.executable).parent)
+    env = {**os.environ, **OFFLINE, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
+    if home is not None:
+        env["FLWR_HOME"] = str(home)
+    return env
+
+
+def flower_command(name: str) -> str:
+    """The full path of one of Flower's commands, or a clear error when the extra is not installed."""
+    found = shutil.which(name, path=flower_env()["PATH"])
+    if found is None:
+        raise SecurefedError(f"{name} not found: install Flower with pip install 'securefed[flower]'")
+    return found
+
+
+# ---------------------------------------------------------------- what a run carries in its run config
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The run config of a securefed Flower App: the job and how long to wait for nodes."""
+
+    job: JobConfig
+    labels: list[str]  # the label order, fixed by the server's dev split (clients hold only their own data)
+    run_dir: Path  # on the server's machine
+    reply_timeout: float  # seconds a node may take to answer one message before it counts as dropped
+    join_timeout: float  # seconds to wait for the job's clients to come online
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping) -> AppConfig:
+        try:
+            text, labels = str(run_config["job"]), json.loads(str(run_config["labels"]))
+            run_dir = Path(str(run_config["run-dir"]))
+            timeouts = float(run_config["reply-timeout"]), float(run_config["join-timeout"])
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"the Flower run config is not a securefed app's ({exc})") from None
+        return cls(parse_toml_job(text), labels, run_dir, *timeouts)
+
+    def run_config(self) -> dict:
+        return {"job": self.job.to_toml(), "labels": json.dumps(self.labels), "run-dir": str(self.run_dir),
+                "reply-timeout": self.reply_timeout, "join-timeout": self.join_timeout}
+
+
+def parse_toml_job(text: str) -> JobConfig:
+    import tomllib
+
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the app's job: invalid TOML: {exc}") from None
+    return parse_job(raw, source="the app's job", base_dir=Path("/"))
+
+
+def check_deployable(job: JobConfig) -> None:
+    """The job settings that cannot run on Flower yet, refused before anything starts."""
+    if job.secagg.mode == "ckks":
+        raise ConfigError("secagg: CKKS cannot run on Flower yet (its clients keep the secret key in memory, and "
+                          "Flower starts a new process per message); use secaggplus")
+    if getattr(job.secagg, "hardened", False):
+        raise ConfigError("secagg: hardened SecAgg+ cannot run on Flower yet (each node would need its identity "
+                          "key); use the default SecAgg+")
+    if job.watermark is not None and job.watermark.keys:
+        raise ConfigError("watermark.keys: on Flower each organisation brings its own key (flower join --key); "
+                          "leave the keys out of the job")
+    if job.federation.cohort_size != job.federation.clients and job.secagg.mode == "secaggplus":
+        raise ConfigError("federation.cohort_size: SecAgg+ runs with every client each round")
+
+
+def node_run_dir(job: JobConfig, folder: Path) -> RunDir:
+    """A node's folder for one job: created on first use, then only ever reopened for the same job."""
+    return RunDir.for_job(job, folder / f"{job.name}-{job.fingerprint()[:12]}")
+
+
+# ---------------------------------------------------------------- certificates and node keys
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """The files `flower certs` writes into one folder."""
+
+    folder: Path
+    ca = property(lambda self: self.folder / "ca.crt")
+    server_cert = property(lambda self: self.folder / "server.pem")
+    server_key = property(lambda self: self.folder / "server.key")
+
+    def node_key(self, i: int) -> Path:
+        return self.folder / f"node-{i}.key"
+
+    def node_public(self, i: int) -> Path:
+        return self.folder / f"node-{i}.pub"
+
+    def check(self) -> None:
+        for path in (self.ca, self.server_cert, self.server_key):
+            if not path.is_file():
+                raise ConfigError(f"{path}: not found (make a test CA with `securefed flower certs`)")
+
+
+def make_certificates(folder: Path, nodes: int, hosts: list[str], days: int = 30) -> Certificates:
+    """A test CA, a server certificate for `hosts`, and an EC P-384 authentication key pair per node (OpenSSH
+    format, which Flower's SuperNode and `flwr supernode register` read). For tests and trials: a real
+    deployment takes its server certificate from the organisation's own CA."""
+    certs = Certificates(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise ConfigError(f"{folder} is not empty; give a new folder for the certificates")
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "securefed test CA")])
+    ca = (_builder(ca_name, ca_name, ca_key.public_key(), now, days)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA384()))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    names = [_san(h) for h in hosts]
+    server = (_builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]), ca_name,
+                       server_key.public_key(), now, days)
+              .add_extension(x509.SubjectAlternativeName(names), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .sign(ca_key, hashes.SHA384()))
+    _write(certs.ca, ca.public_bytes(serialization.Encoding.PEM))
+    _write(certs.server_cert, server.public_bytes(serialization.Encoding.PEM))
+    _write(certs.server_key, _pem(server_key), secret=True)
+    _write(folder / "ca.key", _pem(ca_key), secret=True)
+    for i in range(nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write(certs.node_key(i), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                    serialization.NoEncryption()), secret=True)
+        _write(certs.node_public(i), key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                   serialization.PublicFormat.OpenSSH) + b"\n")
+    return certs
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public, now: dt.datetime, days: int) -> x509.CertificateBuilder:
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public)
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days)))
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write(path: Path, data: bytes, secret: bool = False) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+# ---------------------------------------------------------------- the App
+
+
+def write_app(job: JobConfig, labels: list[str], folder: Path, run_dir: Path, *, reply_timeout: float,
+              join_timeout: float) -> Path:
+    """A Flower App folder whose components are securefed's and whose run config carries the job."""
+    check_deployable(job)
+    if folder.exists() and any(folder.iterdir()):
+        raise ConfigError(f"{folder} is not empty; give a new folder for the App")
+    folder.mkdir(parents=True, exist_ok=True)
+    app = AppConfig(job, labels, run_dir.resolve(), reply_timeout, join_timeout)
+    document = {
+        "project": {"name": f"securefed-{job.name}".lower().replace("_", "-").replace(".", "-")[:60],
+                    "version": "1.0.0", "dependencies": []},
+        "tool.flwr.app": {"publisher": "securefed"},
+        "tool.flwr.app.components": {"serverapp": "securefed.runtime.flower:server_app",
+                                     "clientapp": "securefed.runtime.flower:client_app"},
+        "tool.flwr.app.config": app.run_config(),
+    }
+    (folder / "pyproject.toml").write_text(dump_toml(document), encoding="utf-8")
+    return folder / "pyproject.toml"
+
+
+# ---------------------------------------------------------------- Flower's commands
+
+
+def superlink_command(certs: Certificates | None, host: str, port: int, database: Path | None) -> list[str]:
+    """TLS and node authentication unless `certs` is None (then plain HTTP and no authentication)."""
+    command = [flower_command("flower-superlink"), "--host", host, "--port", str(port),
+               "--disable-runtime-dependency-installation"]
+    if certs is None:
+        command.append("--insecure")
+    else:
+        certs.check()
+        command += ["--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.server_cert),
+                    "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth"]
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        command += ["--database", str(database)]
+    return command
+
+
+def supernode_command(superlink: str, ca: Path | None, auth_key: Path | None, node_config: dict, port: int,
+                      host: str = "127.0.0.1") -> list[str]:
+    """`ca` None: plain HTTP (no TLS, and so no node authentication)."""
+    command = [flower_command("flower-supernode"), "--superlink", superlink, "--host", host, "--port", str(port),
+               "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())]
+    if ca is None:
+        return [*command, "--insecure"]
+    for path in (ca, auth_key):
+        if path is None or not path.is_file():
+            raise ConfigError(f"{path}: not found")
+    return [*command, "--root-certificates", str(ca), "--auth-supernode-private-key", str(auth_key)]
+
+
+class FlowerCli:
+    """The `flwr` command against one SuperLink, with a private FLWR_HOME naming that connection."""
+
+    def __init__(self, superlink: str, ca: Path | None):
+        self.home = Path(tempfile.mkdtemp(prefix="securefed-flwr-"))
+        connection = {"address": superlink}
+        if ca is None:
+            connection["insecure"] = True
+        else:
+            connection["root-certificates"] = str(ca.resolve())
+        (self.home / "config.toml").write_text(dump_toml({"superlink": {"default": CONNECTION},
+                                                          f"superlink.{CONNECTION}": connection}), encoding="utf-8")
+
+    def __call__(self, *args: str, timeout: float = 120.0) -> str:
+        try:
+            done = subprocess.run([flower_command("flwr"), *args], capture_output=True, text=True, timeout=timeout,
+                                  env=flower_env(self.home))
+        except subprocess.TimeoutExpired:
+            raise SecurefedError(f"flwr {args[0]} did not finish within {timeout:g} s") from None
+        if done.returncode != 0:
+            last = (done.stderr.strip() or done.stdout.strip()).splitlines()
+            raise SecurefedError(f"flwr {' '.join(args[:2])} failed: {last[-1] if last else done.returncode}")
+        return done.stdout
+
+    def register(self, public_key: Path) -> str:
+        if not public_key.is_file():
+            raise ConfigError(f"{public_key}: not found")
+        return self("supernode", "register", str(public_key), CONNECTION).strip()
+
+    def start(self, app: Path) -> int:
+        out = self._json(self("run", str(app), CONNECTION, "--format", "json"))
+        if not out.get("success", True) or "run-id" not in out:
+            raise SecurefedError(f"Flower did not start the run: {out.get('error-message', out)}")
+        return int(out["run-id"])
+
+    def status(self, run_id: int) -> tuple[str, str]:
+        """The run's status ("pending", "running", "finished:completed", "finished:failed", ...) and details."""
+        runs = self._json(self("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")).get("runs", [])
+        if not runs:
+            raise SecurefedError(f"the SuperLink knows no run {run_id}")
+        return str(runs[0].get("status")), str(runs[0].get("status-details", ""))
+
+    def wait(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, details = self.status(run_id)
+            if status.startswith("finished"):
+                if status != "finished:completed":
+                    raise SecurefedError(f"run {run_id} {status}: {details}")
+                return status
+            time.sleep(poll)
+        raise SecurefedError(f"run {run_id} did not finish within {timeout:g} s")
+
+    def log(self, run_id: int) -> str:
+        return self("log", str(run_id), CONNECTION, "--show", timeout=60.0)
+
+    def close(self) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    @staticmethod
+    def _json(text: str) -> dict:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise SecurefedError(f"flwr printed no JSON: {text.strip()[:200]}") from None
+
+
+# ---------------------------------------------------------------- a whole deployment on this machine
+
+
+class Loopback:
+    """A SuperLink and SuperNodes on 127.0.0.1, each `securefed flower` process in its own process group with its
+    own FLWR_HOME and log; every wait is bounded, and `stop_all` kills every group it started. For tests and
+    benchmarks."""
+
+    def __init__(self, root: Path, securefed: Path | None = None):
+        self.root = root
+        self.securefed = str(securefed or Path(sys.executable).parent / "securefed")
+        self.port = free_port()
+        self.superlink = f"127.0.0.1:{self.port}"
+        self.certs = Certificates(root / "certs")
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.registered: set[int] = set()
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+
+    def env(self, name: str) -> dict[str, str]:
+        home = self.root / "homes" / name  # each process its own: SuperLink and SuperNodes unpack the App there
+        home.mkdir(parents=True, exist_ok=True)
+        return {**flower_env(home), "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def securefed_cli(self, *args: str, timeout: float = 120.0) -> str:
+        done = subprocess.run([self.securefed, *args], capture_output=True, text=True, timeout=timeout,
+                              env=self.env("cli"))
+        if done.returncode != 0:
+            raise SecurefedError(f"securefed {' '.join(args[:2])} failed: {done.stderr.strip()[-500:]}")
+        return done.stdout
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        with (self.root / "logs" / f"{name}.log").open("w") as log:
+            process = subprocess.Popen([self.securefed, *args], stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=self.env(name), start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.root / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def wait_for(self, name: str, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log(name):
+            if self.processes[name].poll() is not None:
+                raise SecurefedError(f"{name} exited: {self.log(name)[-1000:]}")
+            if time.monotonic() > deadline:
+                raise SecurefedError(f"{name}: no {text!r} within {timeout:g} s: {self.log(name)[-1000:]}")
+            time.sleep(0.5)
+
+    def serve(self, nodes: int) -> None:
+        """Make a test CA with `nodes` node keys and start the SuperLink; no key is registered yet."""
+        make_certificates(self.certs.folder, nodes, ["127.0.0.1", "localhost"])
+        self.start("superlink", "flower", "serve", "--certs", str(self.certs.folder), "--port", str(self.port))
+        self.wait_for("superlink", "Uvicorn running", 90)
+
+    def register(self, i: int) -> None:
+        """Allow node key i on the SuperLink (once)."""
+        if i not in self.registered:
+            self.securefed_cli("flower", "register", str(self.certs.node_public(i)), "--superlink", self.superlink,
+                               "--ca", str(self.certs.ca))
+            self.registered.add(i)
+
+    def join(self, name: str, key: int, client: int, data: Path, folder: Path,
+             watermark_key: Path | None = None) -> subprocess.Popen:
+        marks = ["--key", str(watermark_key)] if watermark_key else []
+        return self.start(name, "flower", "join", "--superlink", self.superlink, "--ca", str(self.certs.ca),
+                          "--auth-key", str(self.certs.node_key(key)), "--client", str(client), "--data", str(data),
+                          "--dir", str(folder), "--port", str(free_port()), *marks)
+
+    def run(self, app: Path, timeout: float) -> subprocess.Popen:
+        """`securefed flower run` in the background; `finish` waits for it."""
+        return subprocess.Popen([self.securefed, "flower", "run", str(app), "--superlink", self.superlink, "--ca",
+                                 str(self.certs.ca), "--timeout", str(timeout)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=self.env("cli"), start_new_session=True)
+
+    def run_job(self, job: Path, timeout: float, dp_secret: str | None = None,
+                watermark_keys: Mapping[int, Path] | None = None) -> Path:
+        """The whole job on this machine: its data partitioned, a registered node per client, the App run to the
+        end; the nodes are stopped after. `dp_secret` and `watermark_keys` replace what each node would make (to
+        match an in-process run). Returns the run directory."""
+        config = load_job(job)
+        self.securefed_cli("partition", str(job), "--out", str(self.root / "parts"))
+        if "superlink" not in self.processes:
+            self.serve(config.federation.clients)
+        nodes = []
+        try:
+            for cid in range(config.federation.clients):
+                self.register(cid)
+                folder = self.root / "nodes" / f"client-{cid}"
+                if dp_secret:
+                    secrets = node_run_dir(config, folder).path / "secrets"
+                    secrets.mkdir(mode=0o700, exist_ok=True)
+                    (secrets / "dp").write_text(dp_secret + "\n", encoding="ascii")
+                data = next((self.root / "parts").glob(f"client-{cid}.*"))
+                nodes.append(f"node-{cid}")
+                self.join(nodes[-1], cid, cid, data, folder, (watermark_keys or {}).get(cid))
+            run_dir = self.root / "run"
+            self.securefed_cli("flower", "app", str(job), "--out", str(self.root / "app"), "--run-dir", str(run_dir),
+                               "--reply-timeout", str(timeout))
+            self.finish(self.run(self.root / "app", timeout), timeout + 60)
+        finally:
+            for name in nodes:
+                self.stop(name)
+        return run_dir
+
+    @staticmethod
+    def finish(process: subprocess.Popen, timeout: float) -> str:
+        try:
+            out, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise SecurefedError(f"the run did not finish within {timeout:g} s") from None
+        if process.returncode != 0:
+            raise SecurefedError(f"the run failed: {out.strip()[-1000:]}")
+        return out
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        process = self.processes.pop(name)
+        for signal_ in (sig, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, signal_)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=20)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.stop(name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,263 @@
+"""securefed's Flower App driven through Flower's own Message, Context and Error types in one process.
+
+A loopback grid stands in for the SuperLink: it hands each message to the ClientApp handler of its
+node, with that node's Context, whose state persists as a SuperNode keeps it. The real processes,
+TLS and node authentication are the slow tier's (test_flower_deployment.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import write_job
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import IPAddress, SubjectAlternativeName, load_pem_x509_certificate
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from securefed.config import load_job  # noqa: E402
+from securefed.data.datasets import label_names, load_labelled, load_splits  # noqa: E402
+from securefed.data.partition import partition, write_partitions  # noqa: E402
+from securefed.errors import ConfigError  # noqa: E402
+from securefed.interfaces import Observer  # noqa: E402
+from securefed.protocol import TrainIns, decode  # noqa: E402
+from securefed.runtime import flower  # noqa: E402
+from securefed.runtime.deployment import AppConfig, check_deployable, make_certificates  # noqa: E402
+from securefed.runtime.local import execute, prepare  # noqa: E402
+
+SECRET = "0123456789abcdef"
+
+# Flower sets these in each of its processes; Message() reads them.
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+class LoopbackGrid:
+    """Flower's Grid API in one process. `before(node, request)` runs before a node handles a request and may
+    return False: the node then never answers."""
+
+    def __init__(self, contexts: dict[int, Context], before=None):
+        self.contexts = contexts
+        self.before = before
+        self.replies: dict[str, Message] = {}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's grid does when it pushes
+            ids.append(msg.object_id)
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == f"query.{flower.HELLO}":
+                self.replies[msg.object_id] = flower.hello(msg, self.contexts[node])
+                continue
+            if self.before and self.before(node, decode(msg.content[flower.RECORD]["wire"])) is False:
+                continue
+            try:
+                self.replies[msg.object_id] = flower.answer(msg, self.contexts[node])
+            except Exception as exc:  # what Flower sends back when a ClientApp raises
+                self.replies[msg.object_id] = Message(Error(code=2, reason=f"{type(exc).__name__}:{exc}"),
+                                                      reply_to=msg)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+class Notes(Observer):
+    def __init__(self):
+        self.lines = []
+
+    def notice(self, text: str) -> None:
+        self.lines.append(text)
+
+
+@pytest.fixture
+def deployed(tmp_path, tiny_model, sst2_sample):
+    """A private SecAgg+ job, each client's partition in its own file, and three nodes' contexts."""
+    job = write_job(tmp_path, tiny_model, *sst2_sample, federation={"rounds": 2},
+                    privacy={"epsilon": 8.0, "max_grad_norm": 1.0})
+    config = load_job(job)
+    parts = write_partitions(config, tmp_path / "parts")
+    app = AppConfig(config, label_names(config.data), tmp_path / "run", reply_timeout=3.0, join_timeout=5.0)
+    contexts = {}
+    for cid, path in enumerate(parts):
+        node = flower.Node(cid, path, tmp_path / f"node-{cid}", None)
+        run = node.run_dir(config)
+        (run.path / "secrets").mkdir(mode=0o700)
+        (run.path / "secrets" / "dp").write_text(SECRET + "\n", encoding="ascii")  # the in-process run's too
+        contexts[1000 + cid] = Context(run_id=1, node_id=1000 + cid, state=RecordDict(), run_config=app.run_config(),
+                                       node_config={"client": cid, "data": str(path), "dir": str(node.dir)})
+    return job, app, contexts
+
+
+def test_the_flower_app_trains_exactly_as_the_in_process_runtime(deployed, tmp_path):
+    job, app, contexts = deployed
+    run = flower.run_job(LoopbackGrid(contexts), app, Notes())
+    local = prepare(load_job(job), out=tmp_path / "local")
+    (tmp_path / "local" / "secrets").mkdir(mode=0o700)
+    (tmp_path / "local" / "secrets" / "dp").write_text(SECRET + "\n", encoding="ascii")
+    reference = execute(local).weights
+    _, model = run.last_checkpoint(reference.size, local.task.bundle.view.spec.digest)
+    np.testing.assert_allclose(model.weights, reference, rtol=0, atol=1e-6)
+    records = run.records()
+    assert [r["contributors"] for r in records] == [3, 3]
+    assert all(r["bytes_up"] > 0 for r in records)
+    # each node's ledger is on its own disk; the server's run has none
+    assert not (run.path / "ledger").exists() or not any((run.path / "ledger").iterdir())
+    for node, context in contexts.items():
+        ledgers = list((tmp_path / f"node-{node - 1000}").glob("*/ledger/client-*.jsonl"))
+        assert [p.name for p in ledgers] == [f"client-{node - 1000}.jsonl"]
+        assert flower.RECORD in context.state  # its SecAgg+ state, sealed
+
+
+def test_a_node_that_stops_answering_mid_job_is_a_dropout(deployed):
+    _, app, contexts = deployed
+    trained = {}
+
+    def vanish_after_round_1(node, request):
+        if isinstance(request, TrainIns):
+            trained[node] = request.round
+        return not (node == 1002 and trained.get(node) == 2)
+
+    notes = Notes()
+    run = flower.run_job(LoopbackGrid(contexts, vanish_after_round_1), app, notes)
+    assert [(r["contributors"], r["dropped"]) for r in run.records()] == [(3, 0), (2, 1)]
+    assert any("client 2 dropped out (no reply within 3 s)" in line for line in notes.lines)
+
+
+def test_a_tampered_node_state_is_refused_and_the_node_drops_out(deployed):
+    _, app, contexts = deployed
+
+    def tamper_before_training(node, request):
+        if node == 1001 and isinstance(request, TrainIns) and request.round == 1:
+            record = contexts[node].state[flower.RECORD]
+            sealed = bytearray(record[flower.STATE_KEY])
+            sealed[-1] ^= 1
+            record[flower.STATE_KEY] = bytes(sealed)
+
+    notes = Notes()
+    run = flower.run_job(LoopbackGrid(contexts, tamper_before_training), app, notes)
+    assert [r["contributors"] for r in run.records()] == [2, 2]
+    assert any("client 1 dropped out" in line and "authentication" in line for line in notes.lines)
+
+
+def test_the_grid_makes_a_dropout_of_every_reply_it_cannot_use():
+    from flwr.app import ConfigRecord
+
+    from securefed.protocol import PlainModel, encode
+
+    replies = {
+        1: lambda m: Message(RecordDict({flower.RECORD: ConfigRecord({"wire": encode(PlainModel(
+            weights=np.ones(2, np.float32))), "seconds": 0.5})}), reply_to=m),
+        2: lambda m: Message(RecordDict({flower.RECORD: ConfigRecord({"wire": b"SFD junk", "seconds": 0.1})}),
+                             reply_to=m),
+        3: lambda m: Message(RecordDict({flower.RECORD: ConfigRecord({"wire": "text"})}), reply_to=m),
+        4: lambda m: Message(Error(code=5, reason="missed heartbeats"), reply_to=m),
+        5: None,  # never answers
+    }
+
+    class Grid:
+        answered = {}
+
+        def push_messages(self, messages):
+            for msg in messages:
+                msg.metadata.__dict__["_message_id"] = msg.object_id
+                if replies[msg.metadata.dst_node_id]:
+                    self.answered[msg.object_id] = replies[msg.metadata.dst_node_id](msg)
+            return [m.object_id for m in messages]
+
+        def pull_messages(self, ids):
+            return [self.answered.pop(i) for i in list(ids) if i in self.answered]
+
+    grid = flower.FlowerGrid(Grid(), {cid: cid for cid in replies}, timeout=0.5)
+    out = grid.exchange({cid: PlainModel(weights=np.zeros(3, np.float32)) for cid in (*replies, 6)})
+    assert list(out.replies) == [1] and out.client_seconds == 0.5
+    assert out.dropped[2].startswith("sent a malformed reply")
+    assert out.dropped[3] == "sent a reply that is not securefed's"
+    assert "stopped answering" in out.dropped[4]
+    assert out.dropped[5] == "no reply within 0.5 s"
+    assert out.dropped[6] == "its node is not connected"
+
+
+def test_nodes_that_are_not_the_jobs_clients_are_left_out(deployed):
+    _, app, contexts = deployed
+    contexts[1003] = Context(run_id=1, node_id=1003, state=RecordDict(), run_config=app.run_config(),
+                             node_config={**contexts[1002].node_config})  # a second claim on client 2
+    contexts[1004] = Context(run_id=1, node_id=1004, state=RecordDict(), run_config=app.run_config(),
+                             node_config={**contexts[1002].node_config, "client": 7})
+    notes = Notes()
+    nodes = flower.discover(LoopbackGrid(contexts), 3, 1.0, notes)
+    assert nodes == {0: 1000, 1: 1001, 2: 1002}
+    assert any("both claim client 2" in line for line in notes.lines)
+    assert any("node 1004 is not a client of this job" in line for line in notes.lines)
+
+
+def test_jobs_flower_cannot_run_yet_are_refused_up_front(tmp_path, tiny_model, sst2_sample):
+    cases = {"ckks": {"secagg": {"mode": "ckks"}},
+             "hardened": {"secagg": {"mode": "secaggplus", "hardened": True, "identities": str(tmp_path)}}}
+    for expected, sections in cases.items():
+        folder = tmp_path / expected
+        folder.mkdir()
+        with pytest.raises(ConfigError, match=expected.upper() if expected == "ckks" else expected):
+            check_deployable(load_job(write_job(folder, tiny_model, *sst2_sample, **sections)))
+    with pytest.raises(ConfigError, match="the Flower run config is not a securefed app's"):
+        AppConfig.from_run_config({"job": "name = 'x'"})
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv", "jsonl", "headerless"])
+def test_written_partitions_read_back_as_the_in_process_clients_data(tmp_path, sst2_sample, fmt):
+    train, dev = sst2_sample
+    data = {"train": str(train), "dev": str(dev), "text_field": "sentence"}
+    if fmt != "tsv":
+        rows = [line.split("\t") for line in train.read_text().splitlines()]
+        dev_rows = [line.split("\t") for line in dev.read_text().splitlines()]
+        train, dev = tmp_path / f"train.{fmt}", tmp_path / f"dev.{fmt}"
+        _write_rows(train, rows, fmt)
+        _write_rows(dev, dev_rows, fmt)
+        data = {"train": str(train), "dev": str(dev), "text_field": "sentence"}
+        if fmt == "headerless":
+            data |= {"format": "csv", "header": False, "columns": ["sentence", "label"]}
+    job = write_job(tmp_path, tmp_path, train, dev, data=data, partition={"method": "dirichlet", "alpha": 0.5})
+    config = load_job(job)
+    splits = load_splits(config.data)
+    paths = write_partitions(config, tmp_path / "parts")
+    expected = partition(splits.train, 3, config.partition, config.federation.seed)
+    for path, rows in zip(paths, expected):
+        mine = load_labelled(config.data, path, splits.label_names, "partition")
+        assert mine.texts == [splits.train.texts[i] for i in rows]
+        np.testing.assert_array_equal(mine.labels, splits.train.labels[rows])
+
+
+def _write_rows(path, rows, fmt):
+    import csv
+    import json
+
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(dict(zip(rows[0], r))) + "\n" for r in rows[1:]), encoding="utf-8")
+        return
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows[1:] if fmt == "headerless" else rows)
+
+
+def test_the_test_ca_signs_a_server_certificate_and_node_keys_flower_can_read(tmp_path):
+    certs = make_certificates(tmp_path / "certs", 2, ["127.0.0.1", "superlink.example"])
+    ca = load_pem_x509_certificate(certs.ca.read_bytes())
+    server = load_pem_x509_certificate(certs.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(IPAddress)] == ["127.0.0.1"]
+    assert "superlink.example" in names.get_values_for_type(__import__("cryptography").x509.DNSName)
+    for i in range(2):
+        private = serialization.load_ssh_private_key(certs.node_key(i).read_bytes(), None)
+        public = serialization.load_ssh_public_key(certs.node_public(i).read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+        assert public.public_numbers() == private.public_key().public_numbers()
+        assert certs.node_key(i).stat().st_mode & 0o077 == 0
+    with pytest.raises(ConfigError, match="not empty"):
+        make_certificates(tmp_path / "certs", 1, ["127.0.0.1"])

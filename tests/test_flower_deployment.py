@@ -1,0 +1,99 @@
+"""The job across real Flower processes on 127.0.0.1: a SuperLink and three SuperNodes, TLS and node
+authentication, SecAgg+ and DP. Slow tier: every message starts a Flower ClientApp process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from conftest import write_job
+from safetensors.numpy import load_file
+
+pytest.importorskip("flwr")
+
+from securefed.config import load_job  # noqa: E402
+from securefed.runtime.deployment import Loopback  # noqa: E402
+from securefed.runtime.local import execute, prepare  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SECRET = "5eed5eed5eed5eed"  # one DP secret for every party, so that the in-process run can match
+CLIENTS = 3
+RUN_SECONDS = 1500
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, tiny_model, sst2_sample):
+    """A running SuperLink with TLS and node authentication, and a test CA with four node keys."""
+    root = tmp_path_factory.mktemp("flower")
+    deployment = Loopback(root)
+    try:
+        deployment.job = write_job(root, tiny_model, *sst2_sample, federation={"rounds": 2, "clients": CLIENTS},
+                                   privacy={"epsilon": 8.0, "max_grad_norm": 1.0})
+        deployment.serve(nodes=CLIENTS + 1)
+        yield deployment
+    finally:
+        deployment.stop_all()
+
+
+def test_a_node_with_an_unregistered_key_is_refused(federation, tmp_path):
+    data = load_job(federation.job).data.train
+    rogue = federation.join("rogue", key=CLIENTS, client=0, data=data, folder=tmp_path / "rogue")
+    try:
+        rogue.wait(timeout=90)
+    except Exception:
+        federation.stop("rogue")
+        pytest.fail("a SuperNode with an unregistered key was not refused within 90 s")
+    log = federation.log("rogue")
+    assert rogue.returncode != 0 and "flower-supernode" in log  # Flower refused it, not securefed's checks
+    assert "2004" in log or "activate" in log.lower(), log[-2000:]
+
+
+def test_a_flower_deployment_gives_the_in_process_result(federation, tmp_path):
+    run_dir = federation.run_job(federation.job, RUN_SECONDS, dp_secret=SECRET)
+    prepared = prepare(load_job(federation.job), out=tmp_path / "local")
+    (tmp_path / "local" / "secrets").mkdir(mode=0o700)
+    (tmp_path / "local" / "secrets" / "dp").write_text(SECRET + "\n", encoding="ascii")
+    reference = execute(prepared).weights
+    deployed = load_file(str(run_dir / "checkpoints" / "round-00002.safetensors"))["weights"]
+    np.testing.assert_allclose(deployed, reference, rtol=0, atol=1e-6)
+    assert (run_dir / "model" / "adapter_config.json").is_file()
+    # each organisation's ledger stayed on its node, and none is on the server
+    assert not (run_dir / "ledger").exists() or not any((run_dir / "ledger").iterdir())
+    for cid in range(CLIENTS):
+        ledgers = list((federation.root / "nodes" / f"client-{cid}").glob("*/ledger/client-*.jsonl"))
+        assert [p.name for p in ledgers] == [f"client-{cid}.jsonl"]
+
+
+def test_a_node_killed_mid_round_is_a_dropout_and_the_job_finishes(federation, tmp_path):
+    config = load_job(federation.job)
+    job = write_job(tmp_path, config.model.name, config.data.train, config.data.dev,
+                    federation={"rounds": 3, "clients": CLIENTS}, privacy={"epsilon": 8.0, "max_grad_norm": 1.0})
+    federation.securefed_cli("partition", str(job), "--out", str(tmp_path / "parts"))
+    nodes = []
+    for cid in range(CLIENTS):
+        federation.register(cid)
+        nodes.append(f"node-{cid}-killed-run")
+        federation.join(nodes[-1], cid, cid, tmp_path / "parts" / f"client-{cid}.tsv", tmp_path / f"n{cid}")
+    try:
+        federation.securefed_cli("flower", "app", str(job), "--out", str(tmp_path / "app"), "--run-dir",
+                                 str(tmp_path / "run"), "--reply-timeout", "300")
+        run = federation.run(tmp_path / "app", RUN_SECONDS)
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + RUN_SECONDS
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):  # round 1 committed: round 2 is on
+            if run.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("round 1 did not finish")
+            time.sleep(0.5)
+        os.killpg(federation.processes[nodes[2]].pid, signal.SIGKILL)
+        federation.finish(run, RUN_SECONDS + 60)
+    finally:
+        for name in nodes:
+            federation.stop(name)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r["contributors"] for r in records] == [3, 2, 2]
+    assert records[1]["dropped"] >= 1
