@@ -47,9 +47,10 @@ def main() -> None:
 
         started = time.perf_counter()
         prepared = prepare(config, out=root / "local")
-        secret = f"{prepared.run_dir.secret('dp'):016x}" if config.privacy else None
         local = execute(prepared)
         local_wall = time.perf_counter() - started
+        secret_file = prepared.run_dir.path / "secrets" / "dp"  # the nodes get the in-process clients' DP secret
+        secret = secret_file.read_text(encoding="ascii").strip() if secret_file.exists() else None
         print(f"in-process: {local_wall:.0f} s", file=sys.stderr)
 
         keys = {cid: path for cid in range(clients)

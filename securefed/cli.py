@@ -333,7 +333,8 @@ def flower_app_folder(
     where = run_dir or config.output.dir or Path("runs") / config.name
     written = write_app(config, label_names(config.data), out, where, reply_timeout=reply_timeout,
                        join_timeout=join_timeout)
-    console.print(f"wrote {written}; the server will write its run to {where.resolve()}. Start it with "
+    console.print(f"wrote {written} and {out / 'job.toml'} (give it to every organisation: `flower join --job` "
+                  f"pins it); the server will write its run to {where.resolve()}. Start it with "
                   f"`securefed flower run {out} --superlink HOST:PORT --ca CA`.", markup=False, highlight=False)
 
 
@@ -365,7 +366,9 @@ def flower_register(
     """Allow a node's key on the SuperLink (its node authentication)."""
     from .runtime.deployment import FlowerCli
 
-    cli = FlowerCli(superlink, _tls(ca, False))
+    if ca is None:
+        raise SecurefedError("give --ca, the CA certificate that signed the SuperLink's")
+    cli = FlowerCli(superlink, ca)
     try:
         console.print(cli.register(public_key), markup=False, highlight=False)
     finally:
@@ -375,6 +378,8 @@ def flower_register(
 @flower_app.command("join")
 def flower_join(
     superlink: SuperLinkOption,
+    job: Annotated[Path, typer.Option("--job", help="the job this organisation agrees to train (the job.toml "
+                                      "`flower app` wrote); the node refuses any other")],
     client: Annotated[int, typer.Option("--client", min=0, help="this organisation's client id in the job")],
     data: Annotated[Path, typer.Option("--data", help="this organisation's training data, in the job's format")],
     auth_key: Annotated[Path | None, typer.Option("--auth-key", help="this node's private key (node-<i>.key), "
@@ -389,15 +394,22 @@ def flower_join(
     insecure: InsecureOption = False,
 ) -> None:
     """Start a SuperNode for one organisation: its data, ledger and key stay on this machine."""
-    from .runtime.deployment import flower_env, supernode_command
+    from .data.datasets import check_partition
+    from .runtime.deployment import check_deployable, flower_env, supernode_command
 
     ca = _tls(ca, insecure)
-    if not data.is_file():
-        raise SecurefedError(f"{data}: data file not found")
+    agreed = load_job(job)
+    check_deployable(agreed)
+    if client >= agreed.federation.clients:
+        raise SecurefedError(f"--client {client}: the job has clients 0 to {agreed.federation.clients - 1}")
+    examples = check_partition(agreed.data, data)
     if key is not None and not key.is_file():
         raise SecurefedError(f"{key}: key file not found")
     node_dir.mkdir(parents=True, exist_ok=True)
-    config = {"client": client, "data": str(data.resolve()), "dir": str(node_dir.resolve())}
+    console.print(f"client {client} of {agreed.name} ({agreed.fingerprint()[:12]}), {examples} examples",
+                  markup=False, highlight=False)
+    config = {"client": client, "job": agreed.fingerprint(), "data": str(data.resolve()),
+              "dir": str(node_dir.resolve())}
     if key is not None:
         config["key"] = str(key.resolve())
     _exec(supernode_command(superlink, ca, auth_key, config, port), flower_env())
@@ -447,8 +459,8 @@ def flower_demo(
 
     config = load_job(job)
     check_deployable(config)
-    if out.exists() and any(out.iterdir()):
-        raise SecurefedError(f"{out} is not empty; give a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SecurefedError(f"{out} exists and is not an empty folder; give a new folder")
     deployment = Loopback(out.resolve())
     try:
         with console.status(f"{config.federation.clients} SuperNodes on 127.0.0.1 running {job} "

@@ -51,7 +51,7 @@ class RunDir:
         except OSError as exc:
             raise RunDirError(f"cannot create run directory {path}: {exc.strerror}") from None
         run = cls(path)
-        _write_atomic(run.job_file, job.to_toml().encode())
+        write_atomic(run.job_file, job.to_toml().encode())
         return run
 
     @classmethod
@@ -92,13 +92,18 @@ class RunDir:
         path = self.path / "secrets" / name
         if not path.exists():
             path.parent.mkdir(mode=0o700, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w", encoding="ascii") as fh:
                 fh.write(os.urandom(size).hex() + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            try:
+                os.link(tmp, path)  # never replaces: a process that made it first wins, and everyone reads its secret
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
         try:
             return bytes.fromhex(path.read_text(encoding="ascii").strip())
         except (OSError, ValueError) as exc:
@@ -165,7 +170,7 @@ class RunDir:
                 if damaged:
                     raise RunDirError(f"{self.metrics_file}:{damaged}: damaged line among finished rounds")
                 kept.append(record)
-        _write_atomic(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+        write_atomic(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
 
     def _metric_lines(self) -> list[str]:
         if not self.metrics_file.exists():
@@ -214,8 +219,9 @@ def _first_difference(a: JobConfig, b: JobConfig) -> str:
     return "unknown difference"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` durably: a crash leaves the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as fh:
         fh.write(data)
         fh.flush()

@@ -112,9 +112,14 @@ def test_flower_and_partition_commands_refuse_bad_input_in_one_line(tmp_path, ti
     assert not (tmp_path / "app").exists()
     assert_user_error(securefed("flower", "serve", cwd=tmp_path), "--certs", "--insecure")
     assert_user_error(securefed("flower", "serve", "--certs", "nocerts", cwd=tmp_path), "ca.crt", "not found")
-    assert_user_error(securefed("flower", "join", "--superlink", "127.0.0.1:1", "--client", "0", "--data",
-                                "absent.tsv", "--ca", "ca.crt", "--auth-key", "node.key", cwd=tmp_path),
-                      "absent.tsv", "not found")
+    join = ("flower", "join", "--superlink", "127.0.0.1:1", "--ca", "ca.crt", "--auth-key", "node.key")
+    assert_user_error(securefed(*join, "--job", "job.toml", "--client", "0", "--data", "x.tsv", cwd=tmp_path), "CKKS")
+    (tmp_path / "ok").mkdir()
+    write_job(tmp_path / "ok", tiny_model, *sst2_sample)
+    assert_user_error(securefed(*join, "--job", "ok/job.toml", "--client", "3", "--data", "x.tsv", cwd=tmp_path),
+                      "clients 0 to 2")
+    assert_user_error(securefed(*join, "--job", "ok/job.toml", "--client", "0", "--data", "absent.tsv",
+                                cwd=tmp_path), "absent.tsv", "not found")
     assert_user_error(securefed("flower", "run", "nothing", "--superlink", "127.0.0.1:1", "--ca", "ca.crt",
                                 cwd=tmp_path), "not a Flower App")
     assert_user_error(securefed("partition", "nope.toml", "--out", "parts", cwd=tmp_path), "nope.toml", "not found")

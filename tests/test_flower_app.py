@@ -19,10 +19,10 @@ pytest.importorskip("flwr")
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from securefed.config import load_job  # noqa: E402
+from securefed.config import dump_toml, load_job  # noqa: E402
 from securefed.data.datasets import label_names, load_labelled, load_splits  # noqa: E402
 from securefed.data.partition import partition, write_partitions  # noqa: E402
-from securefed.errors import ConfigError  # noqa: E402
+from securefed.errors import ConfigError, DataError, ProtocolError  # noqa: E402
 from securefed.interfaces import Observer  # noqa: E402
 from securefed.protocol import TrainIns, decode  # noqa: E402
 from securefed.runtime import flower  # noqa: E402
@@ -53,13 +53,11 @@ class LoopbackGrid:
             msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's grid does when it pushes
             ids.append(msg.object_id)
             node = msg.metadata.dst_node_id
-            if msg.metadata.message_type == f"query.{flower.HELLO}":
-                self.replies[msg.object_id] = flower.hello(msg, self.contexts[node])
-                continue
-            if self.before and self.before(node, decode(msg.content[flower.RECORD]["wire"])) is False:
+            hello = msg.metadata.message_type == f"query.{flower.HELLO}"
+            if not hello and self.before and self.before(node, decode(msg.content[flower.RECORD]["wire"])) is False:
                 continue
             try:
-                self.replies[msg.object_id] = flower.answer(msg, self.contexts[node])
+                self.replies[msg.object_id] = (flower.hello if hello else flower.answer)(msg, self.contexts[node])
             except Exception as exc:  # what Flower sends back when a ClientApp raises
                 self.replies[msg.object_id] = Message(Error(code=2, reason=f"{type(exc).__name__}:{exc}"),
                                                       reply_to=msg)
@@ -87,12 +85,13 @@ def deployed(tmp_path, tiny_model, sst2_sample):
     app = AppConfig(config, label_names(config.data), tmp_path / "run", reply_timeout=3.0, join_timeout=5.0)
     contexts = {}
     for cid, path in enumerate(parts):
-        node = flower.Node(cid, path, tmp_path / f"node-{cid}", None)
+        node = flower.Node(cid, config.fingerprint(), path, tmp_path / f"node-{cid}", None)
         run = node.run_dir(config)
         (run.path / "secrets").mkdir(mode=0o700)
         (run.path / "secrets" / "dp").write_text(SECRET + "\n", encoding="ascii")  # the in-process run's too
         contexts[1000 + cid] = Context(run_id=1, node_id=1000 + cid, state=RecordDict(), run_config=app.run_config(),
-                                       node_config={"client": cid, "data": str(path), "dir": str(node.dir)})
+                                       node_config={"client": cid, "job": node.job, "data": str(path),
+                                                    "dir": str(node.dir)})
     return job, app, contexts
 
 
@@ -108,12 +107,16 @@ def test_the_flower_app_trains_exactly_as_the_in_process_runtime(deployed, tmp_p
     records = run.records()
     assert [r["contributors"] for r in records] == [3, 3]
     assert all(r["bytes_up"] > 0 for r in records)
-    # each node's ledger is on its own disk; the server's run has none
-    assert not (run.path / "ledger").exists() or not any((run.path / "ledger").iterdir())
     for node, context in contexts.items():
-        ledgers = list((tmp_path / f"node-{node - 1000}").glob("*/ledger/client-*.jsonl"))
-        assert [p.name for p in ledgers] == [f"client-{node - 1000}.jsonl"]
-        assert flower.RECORD in context.state  # its SecAgg+ state, sealed
+        cid = node - 1000
+        ledgers = list((tmp_path / f"node-{cid}").glob("*/ledger/client-*.jsonl"))  # on the node's own disk
+        assert [p.name for p in ledgers] == [f"client-{cid}.jsonl"]
+        sealed = context.state[flower.RECORD][flower.STATE_KEY]  # its SecAgg+ state, which the SuperNode holds
+        with pytest.raises(ProtocolError):
+            decode(sealed)
+        plain = flower.NodeState(flower.Node.from_node_config(context.node_config).run_dir(load_job(job)),
+                                 load_job(job), cid, context.run_id).load(context)
+        assert decode(plain).uploaded == (1, 2) and decode(plain).answered == (1, 2)
 
 
 def test_a_node_that_stops_answering_mid_job_is_a_dropout(deployed):
@@ -144,7 +147,26 @@ def test_a_tampered_node_state_is_refused_and_the_node_drops_out(deployed):
     notes = Notes()
     run = flower.run_job(LoopbackGrid(contexts, tamper_before_training), app, notes)
     assert [r["contributors"] for r in run.records()] == [2, 2]
-    assert any("client 1 dropped out" in line and "authentication" in line for line in notes.lines)
+    assert any("client 1 dropped out" in line and "not the one it last saved" in line for line in notes.lines)
+
+
+def test_an_older_node_state_put_back_is_refused(deployed):
+    """A state save that Flower lost, or an old state replayed: the node must not mask round 1 again."""
+    _, app, contexts = deployed
+    kept = {}
+
+    def roll_back_after_round_1(node, request):
+        record = contexts[node].state.get(flower.RECORD)
+        if node == 1000 and isinstance(request, TrainIns):
+            if request.round == 1:
+                kept["before"] = record[flower.STATE_KEY]
+            else:
+                record[flower.STATE_KEY] = kept["before"]  # the state from before round 1's upload
+
+    notes = Notes()
+    run = flower.run_job(LoopbackGrid(contexts, roll_back_after_round_1), app, notes)
+    assert [r["contributors"] for r in run.records()] == [3, 2]
+    assert any("client 0 dropped out" in line and "not the one it last saved" in line for line in notes.lines)
 
 
 def test_the_grid_makes_a_dropout_of_every_reply_it_cannot_use():
@@ -185,26 +207,32 @@ def test_the_grid_makes_a_dropout_of_every_reply_it_cannot_use():
     assert out.dropped[6] == "its node is not connected"
 
 
-def test_nodes_that_are_not_the_jobs_clients_are_left_out(deployed):
+def test_nodes_that_are_not_the_jobs_clients_are_left_out(deployed, tmp_path, tiny_model, sst2_sample):
     _, app, contexts = deployed
     contexts[1003] = Context(run_id=1, node_id=1003, state=RecordDict(), run_config=app.run_config(),
                              node_config={**contexts[1002].node_config})  # a second claim on client 2
     contexts[1004] = Context(run_id=1, node_id=1004, state=RecordDict(), run_config=app.run_config(),
                              node_config={**contexts[1002].node_config, "client": 7})
+    (tmp_path / "other").mkdir()
+    other = load_job(write_job(tmp_path / "other", tiny_model, *sst2_sample, federation={"rounds": 9}))
+    contexts[1005] = Context(run_id=1, node_id=1005, state=RecordDict(), run_config=app.run_config(),
+                             node_config={**contexts[1001].node_config, "job": other.fingerprint()})
     notes = Notes()
     nodes = flower.discover(LoopbackGrid(contexts), 3, 1.0, notes)
     assert nodes == {0: 1000, 1: 1001, 2: 1002}
     assert any("both claim client 2" in line for line in notes.lines)
-    assert any("node 1004 is not a client of this job" in line for line in notes.lines)
+    assert any("node 1004 is not a client of this job (it says client 7)" in line for line in notes.lines)
+    assert any("node 1005 is not a client of this job" in line and "joined for job" in line for line in notes.lines)
 
 
 def test_jobs_flower_cannot_run_yet_are_refused_up_front(tmp_path, tiny_model, sst2_sample):
-    cases = {"ckks": {"secagg": {"mode": "ckks"}},
-             "hardened": {"secagg": {"mode": "secaggplus", "hardened": True, "identities": str(tmp_path)}}}
-    for expected, sections in cases.items():
-        folder = tmp_path / expected
+    cases = {"CKKS": {"secagg": {"mode": "ckks"}},
+             "hardened": {"secagg": {"mode": "secaggplus", "hardened": True, "identities": str(tmp_path)}},
+             "brings its own key": {"watermark": {"keys": [str(tmp_path / "a.wmkey")] * 3}}}
+    for number, (expected, sections) in enumerate(cases.items()):
+        folder = tmp_path / str(number)
         folder.mkdir()
-        with pytest.raises(ConfigError, match=expected.upper() if expected == "ckks" else expected):
+        with pytest.raises(ConfigError, match=expected):
             check_deployable(load_job(write_job(folder, tiny_model, *sst2_sample, **sections)))
     with pytest.raises(ConfigError, match="the Flower run config is not a securefed app's"):
         AppConfig.from_run_config({"job": "name = 'x'"})
@@ -261,3 +289,24 @@ def test_the_test_ca_signs_a_server_certificate_and_node_keys_flower_can_read(tm
         assert certs.node_key(i).stat().st_mode & 0o077 == 0
     with pytest.raises(ConfigError, match="not empty"):
         make_certificates(tmp_path / "certs", 1, ["127.0.0.1"])
+
+
+def test_partitions_keep_quotes_and_refuse_what_tsv_cannot_carry(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(dump_toml({"name": "ag", "data": {"dataset": "ag_news"}, "federation": {
+        "rounds": 1, "clients": 4, "local_steps": 1, "batch_size": 8, "learning_rate": 0.01}}), encoding="utf-8")
+    config = load_job(job)
+    splits = load_splits(config.data)
+    paths = write_partitions(config, tmp_path / "parts")
+    labels = label_names(config.data)
+    assert labels == splits.label_names  # the deployed order is the in-process one
+    quoted = 0
+    for path, rows in zip(paths, partition(splits.train, 4, config.partition, config.federation.seed)):
+        mine = load_labelled(config.data, path, labels, "partition")
+        assert mine.texts == [splits.train.texts[i] for i in rows]
+        quoted += sum('"' in text for text in mine.texts)
+    assert quoted > 100  # AG News has quotes: they travel as plain text
+    from securefed.data.loaders import write_table
+
+    with pytest.raises(DataError, match="row 2 holds a tab"):
+        write_table({"text": ["fine", "a\tb"], "label": ["1", "2"]}, [0, 1], tmp_path / "bad.tsv", "tsv")

@@ -81,16 +81,32 @@ def load_splits(config: DataConfig) -> Splits:
 
 
 def label_names(config: DataConfig) -> list[str]:
-    """The label order of a job whose training data lies with its clients: the dev split's."""
+    """The label order of a job whose training data lies with its clients: the dev split's. Where the training file
+    is at hand too, dev must have all of its labels."""
     source = source_of(config)
-    table = _load(source, source.dev, "dev")
-    return _label_order(column(table, source.label_field, source.dev, "data.label_field"))
+    names = _label_order(column(_load(source, source.dev, "dev"), source.label_field, source.dev, "data.label_field"))
+    if source.train.is_file():
+        train = column(_load(source, source.train, "train"), source.label_field, source.train, "data.label_field")
+        missing = sorted({str(v) for v in train} - set(names))
+        if missing:
+            raise DataError(f"{source.dev}: no example of label {missing[0]!r}, which the training data has; a "
+                            "deployed job takes its labels from dev")
+    return names
 
 
 def load_labelled(config: DataConfig, path: Path, label_names: list[str], setting: str) -> Split:
     """A file in the job's data format (a client's own partition, or the dev split), with the job's labels."""
     source = source_of(config)
     return _split(source, _load(source, path, setting), path, label_names, "the job")
+
+
+def check_partition(config: DataConfig, path: Path) -> int:
+    """The number of examples in a client's own data file, after checking that it reads in the job's format and has
+    the job's text and label fields."""
+    source = source_of(config)
+    table = _load(source, path, "partition")
+    column(table, source.text_field, path, "data.text_field")
+    return len(column(table, source.label_field, path, "data.label_field"))
 
 
 def party_splits(config: DataConfig, label_names: list[str], partition: Path | None = None) -> Splits:

@@ -54,12 +54,17 @@ def write_table(table: Table, rows: Sequence[int], path: Path, fmt: Format, *, h
             for row in rows:
                 fh.write(json.dumps({name: table[name][row] for name in names}, ensure_ascii=False) + "\n")
             return
+        # TSV as it is read: no quoting, so a quote character is plain text, and a tab or newline cannot be written
         tsv = fmt == "tsv"
         writer = csv.writer(fh, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
-                            lineterminator="\n")
+                            quotechar=None if tsv else '"', lineterminator="\n")
         if header:
             writer.writerow(names)
-        writer.writerows([table[name][row] for name in names] for row in rows)
+        for row in rows:
+            try:
+                writer.writerow([table[name][row] for name in names])
+            except csv.Error:
+                raise DataError(f"{path}: row {row + 1} holds a tab or a line break, which TSV cannot carry") from None
 
 
 def _read_delimited(fh, path: Path, delimiter: str, header: bool, columns: list[str] | None) -> Table:

@@ -102,13 +102,11 @@ def check_deployable(job: JobConfig) -> None:
     if job.watermark is not None and job.watermark.keys:
         raise ConfigError("watermark.keys: on Flower each organisation brings its own key (flower join --key); "
                           "leave the keys out of the job")
-    if job.federation.cohort_size != job.federation.clients and job.secagg.mode == "secaggplus":
-        raise ConfigError("federation.cohort_size: SecAgg+ runs with every client each round")
 
 
-def node_run_dir(job: JobConfig, folder: Path) -> RunDir:
-    """A node's folder for one job: created on first use, then only ever reopened for the same job."""
-    return RunDir.for_job(job, folder / f"{job.name}-{job.fingerprint()[:12]}")
+def node_run_dir(job: JobConfig, folder: Path, client: int) -> RunDir:
+    """A node's folder for one job and client: created on first use, then only ever reopened for the same job."""
+    return RunDir.for_job(job, folder / f"{job.name}-{job.fingerprint()[:12]}-client-{client}")
 
 
 # ---------------------------------------------------------------- certificates and node keys
@@ -217,6 +215,7 @@ def write_app(job: JobConfig, labels: list[str], folder: Path, run_dir: Path, *,
         "tool.flwr.app.config": app.run_config(),
     }
     (folder / "pyproject.toml").write_text(dump_toml(document), encoding="utf-8")
+    (folder / "job.toml").write_text(job.to_toml(), encoding="utf-8")  # what each organisation agrees to
     return folder / "pyproject.toml"
 
 
@@ -342,11 +341,14 @@ class Loopback:
         home.mkdir(parents=True, exist_ok=True)
         return {**flower_env(home), "PYTHONDONTWRITEBYTECODE": "1"}
 
-    def securefed_cli(self, *args: str, timeout: float = 120.0) -> str:
-        done = subprocess.run([self.securefed, *args], capture_output=True, text=True, timeout=timeout,
-                              env=self.env("cli"))
+    def securefed_cli(self, *args: str, timeout: float = 300.0) -> str:
+        try:
+            done = subprocess.run([self.securefed, *args], capture_output=True, text=True, timeout=timeout,
+                                  env=self.env("cli"))
+        except subprocess.TimeoutExpired:
+            raise SecurefedError(f"securefed {' '.join(args[:2])} did not finish within {timeout:g} s") from None
         if done.returncode != 0:
-            raise SecurefedError(f"securefed {' '.join(args[:2])} failed: {done.stderr.strip()[-500:]}")
+            raise SecurefedError(f"securefed {' '.join(args[:2])} failed: {_last_line(done.stderr)}")
         return done.stdout
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
@@ -363,9 +365,9 @@ class Loopback:
         deadline = time.monotonic() + timeout
         while text not in self.log(name):
             if self.processes[name].poll() is not None:
-                raise SecurefedError(f"{name} exited: {self.log(name)[-1000:]}")
+                raise SecurefedError(f"{name} exited: {_last_line(self.log(name))} (log: {self.root / 'logs'})")
             if time.monotonic() > deadline:
-                raise SecurefedError(f"{name}: no {text!r} within {timeout:g} s: {self.log(name)[-1000:]}")
+                raise SecurefedError(f"{name}: no {text!r} within {timeout:g} s (log: {self.root / 'logs'})")
             time.sleep(0.5)
 
     def serve(self, nodes: int) -> None:
@@ -381,18 +383,21 @@ class Loopback:
                                "--ca", str(self.certs.ca))
             self.registered.add(i)
 
-    def join(self, name: str, key: int, client: int, data: Path, folder: Path,
+    def join(self, name: str, job: Path, key: int, client: int, data: Path, folder: Path,
              watermark_key: Path | None = None) -> subprocess.Popen:
         marks = ["--key", str(watermark_key)] if watermark_key else []
         return self.start(name, "flower", "join", "--superlink", self.superlink, "--ca", str(self.certs.ca),
+                          "--job", str(job),
                           "--auth-key", str(self.certs.node_key(key)), "--client", str(client), "--data", str(data),
                           "--dir", str(folder), "--port", str(free_port()), *marks)
 
     def run(self, app: Path, timeout: float) -> subprocess.Popen:
         """`securefed flower run` in the background; `finish` waits for it."""
-        return subprocess.Popen([self.securefed, "flower", "run", str(app), "--superlink", self.superlink, "--ca",
-                                 str(self.certs.ca), "--timeout", str(timeout)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=self.env("cli"), start_new_session=True)
+        process = subprocess.Popen([self.securefed, "flower", "run", str(app), "--superlink", self.superlink, "--ca",
+                                    str(self.certs.ca), "--timeout", str(timeout)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, env=self.env("cli"), start_new_session=True)
+        self.processes[f"run-{process.pid}"] = process
+        return process
 
     def run_job(self, job: Path, timeout: float, dp_secret: str | None = None,
                 watermark_keys: Mapping[int, Path] | None = None) -> Path:
@@ -409,12 +414,12 @@ class Loopback:
                 self.register(cid)
                 folder = self.root / "nodes" / f"client-{cid}"
                 if dp_secret:
-                    secrets = node_run_dir(config, folder).path / "secrets"
+                    secrets = node_run_dir(config, folder, cid).path / "secrets"
                     secrets.mkdir(mode=0o700, exist_ok=True)
                     (secrets / "dp").write_text(dp_secret + "\n", encoding="ascii")
                 data = next((self.root / "parts").glob(f"client-{cid}.*"))
                 nodes.append(f"node-{cid}")
-                self.join(nodes[-1], cid, cid, data, folder, (watermark_keys or {}).get(cid))
+                self.join(nodes[-1], job, cid, cid, data, folder, (watermark_keys or {}).get(cid))
             run_dir = self.root / "run"
             self.securefed_cli("flower", "app", str(job), "--out", str(self.root / "app"), "--run-dir", str(run_dir),
                                "--reply-timeout", str(timeout))
@@ -433,25 +438,32 @@ class Loopback:
             process.communicate()
             raise SecurefedError(f"the run did not finish within {timeout:g} s") from None
         if process.returncode != 0:
-            raise SecurefedError(f"the run failed: {out.strip()[-1000:]}")
+            raise SecurefedError(f"the run failed: {_last_line(out)}")
         return out
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Stop a process group: `sig` first (a SuperNode then leaves the SuperLink at once), SIGKILL for whatever
+        of the group is left after 20 s or once its leader has gone."""
         process = self.processes.pop(name)
-        for signal_ in (sig, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, signal_)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=20)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=20)
 
     def stop_all(self) -> None:
         for name in list(self.processes):
             self.stop(name)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no output)"
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ torch.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,10 +24,10 @@ from flwr.serverapp import ServerApp
 
 from .. import secure_sum
 from ..config import JobConfig
-from ..errors import ConfigError, SecurefedError
+from ..errors import ConfigError, ProtocolError, SecurefedError
 from ..interfaces import Exchange, Grid, Observer
 from ..protocol import Message, PlainModel, TrainIns, decode, encode
-from ..rundir import RunDir
+from ..rundir import RunDir, write_atomic
 from ..secagg.channel import seal, unseal
 from .deployment import AppConfig, check_deployable, node_run_dir
 
@@ -69,7 +70,9 @@ class FlowerGrid(Grid):
             elif (fields := _fields(reply, wire=bytes, seconds=float)) is None:
                 out.dropped[cid] = "sent a reply that is not securefed's"
             else:
-                out.client_seconds = max(out.client_seconds, fields["seconds"])  # the nodes work side by side
+                # the nodes work side by side; a node's own figure is bounded by what the server saw
+                seconds = min(max(fields["seconds"], 0.0), time.perf_counter() - started)
+                out.client_seconds = max(out.client_seconds, seconds)
                 out.receive(cid, fields["wire"])
         out.seconds = time.perf_counter() - started
         return out
@@ -85,7 +88,11 @@ def send(grid: FlowerGridApi, messages: Mapping[int, FlowerMessage], timeout: fl
     replies: dict[int, FlowerMessage] = {}
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(pending)):
+        try:
+            pulled = list(grid.pull_messages(list(pending)))
+        except Exception:  # noqa: BLE001 - a transient failure of the SuperLink's API: ask again until the deadline
+            pulled = []
+        for reply in pulled:
             cid = pending.pop(reply.metadata.reply_to_message_id, None)
             if cid is not None:
                 replies[cid] = reply
@@ -95,24 +102,29 @@ def send(grid: FlowerGridApi, messages: Mapping[int, FlowerMessage], timeout: fl
 
 
 def discover(grid: FlowerGridApi, clients: int, timeout: float, observer: Observer) -> dict[int, int]:
-    """Wait for the job's nodes, ask each which client it is, and map client ids to node ids."""
+    """Ask each node that comes online which client it is, until every client is found or `timeout` passes; map
+    client ids to node ids."""
     deadline = time.monotonic() + timeout
-    nodes = set(grid.get_node_ids())
-    while len(nodes) < clients and time.monotonic() < deadline:
-        time.sleep(1.0)
-        nodes = set(grid.get_node_ids())
-    hello = {node: _message(b"", node, HELLO, timeout) for node in sorted(nodes)}
     found: dict[int, int] = {}
-    for node, reply in send(grid, hello, max(deadline - time.monotonic(), 30.0)).items():
-        fields = _fields(reply, client=int) if reply.has_content() else None
-        cid = fields["client"] if fields else -1
-        if not 0 <= cid < clients:
-            why = _error(reply) if reply.has_error() else f"it says client {cid}" if fields else "no client id"
-            observer.notice(f"node {node} is not a client of this job ({why})")
-        elif cid in found:
-            observer.notice(f"nodes {found[cid]} and {node} both claim client {cid}; the second is left out")
-        else:
-            found[cid] = node
+    asked: set[int] = set()
+    while len(found) < clients:
+        new = sorted(set(grid.get_node_ids()) - asked)
+        asked.update(new)
+        hello = {node: _message(b"", node, HELLO, timeout) for node in new}
+        for node, reply in send(grid, hello, max(deadline - time.monotonic(), 30.0)).items():
+            fields = _fields(reply, client=int) if reply.has_content() else None
+            cid = fields["client"] if fields else -1
+            if not 0 <= cid < clients:
+                why = _error(reply) if reply.has_error() else f"it says client {cid}" if fields else "no client id"
+                observer.notice(f"node {node} is not a client of this job ({why})")
+            elif cid in found:
+                observer.notice(f"nodes {found[cid]} and {node} both claim client {cid}; the second is left out")
+            else:
+                found[cid] = node
+        if time.monotonic() > deadline:
+            break
+        if len(found) < clients:
+            time.sleep(1.0)
     missing = sorted(set(range(clients)) - set(found))
     if missing:
         observer.notice(f"clients {missing} did not join within {timeout:g} s; they count as dropouts")
@@ -171,21 +183,28 @@ class Node:
     """One organisation's node, from its SuperNode's --node-config: which client it is and where its files are."""
 
     client: int
+    job: str  # the fingerprint of the one job the organisation agreed to train
     data: Path  # its own partition, in the job's data format
-    dir: Path  # its ledgers, secrets and made keys, one folder per job
+    dir: Path  # its ledgers, secrets and made keys, one folder per job and client
     key: Path | None  # its watermark key, if it brings one
 
     @classmethod
     def from_node_config(cls, node_config: Mapping) -> Node:
         try:
             key = str(node_config.get("key", ""))
-            return cls(int(node_config["client"]), Path(str(node_config["data"])), Path(str(node_config["dir"])),
-                       Path(key) if key else None)
+            return cls(int(node_config["client"]), str(node_config["job"]), Path(str(node_config["data"])),
+                       Path(str(node_config["dir"])), Path(key) if key else None)
         except (KeyError, ValueError) as exc:
-            raise ConfigError(f"the SuperNode's --node-config lacks client, data or dir ({exc})") from None
+            raise ConfigError(f"the SuperNode's --node-config lacks client, job, data or dir ({exc})") from None
+
+    def agree(self, job: JobConfig) -> None:
+        """Refuse any job but the one this node joined for: the coordinator cannot change the privacy budget, the
+        secure sum or anything else behind the organisation's back."""
+        if job.fingerprint() != self.job:
+            raise ConfigError(f"this node joined for job {self.job[:12]}, not {job.name} ({job.fingerprint()[:12]})")
 
     def run_dir(self, job: JobConfig) -> RunDir:
-        return node_run_dir(job, self.dir)
+        return node_run_dir(job, self.dir, self.client)
 
 
 client_app = ClientApp()
@@ -194,6 +213,7 @@ client_app = ClientApp()
 @client_app.query(HELLO)
 def hello(msg: FlowerMessage, context: Context) -> FlowerMessage:
     node = Node.from_node_config(context.node_config)
+    node.agree(AppConfig.from_run_config(context.run_config).job)
     return FlowerMessage(RecordDict({RECORD: ConfigRecord({"client": node.client})}), reply_to=msg)
 
 
@@ -201,21 +221,21 @@ def hello(msg: FlowerMessage, context: Context) -> FlowerMessage:
 def answer(msg: FlowerMessage, context: Context) -> FlowerMessage:
     started = time.perf_counter()
     app = AppConfig.from_run_config(context.run_config)
-    check_deployable(app.job)  # an App not made by `flower app` may ask for what a node cannot do
     node = Node.from_node_config(context.node_config)
+    node.agree(app.job)
+    check_deployable(app.job)
     request = decode(msg.content[RECORD]["wire"])
     run = node.run_dir(app.job)
-    sealer = _StateSealer(run, app.job, node.client)
+    state = NodeState(run, app.job, node.client, context.run_id)
     sum_client = secure_sum.client(secure_sum.settings(app.job), node.client)
-    saved = context.state.get(RECORD)
-    sum_client.restore(sealer.open(saved[STATE_KEY]) if saved is not None else b"")
+    sum_client.restore(state.load(context))
     try:
         if isinstance(request, TrainIns):  # a node holds no dev split: it never evaluates (EvaluateIns is CKKS's)
             reply = _train(app, node, run, sum_client, request)
         else:
             reply = sum_client.reply(request)
     finally:  # what the client did (an upload's round, a revealed share) must hold even if the reply is lost
-        context.state[RECORD] = ConfigRecord({STATE_KEY: sealer.seal(sum_client.state())})
+        state.save(context, sum_client.state())
     record = ConfigRecord({"wire": encode(reply), "seconds": time.perf_counter() - started})
     return FlowerMessage(RecordDict({RECORD: record}), reply_to=msg)
 
@@ -231,19 +251,34 @@ def _train(app: AppConfig, node: Node, run: RunDir, sum_client, request: TrainIn
     return client.handle(request)
 
 
-class _StateSealer:
-    """Seals the secure-sum state under a key that never leaves the node's disk: the SuperNode keeps the state in
-    memory and hands it to each new process over its local API."""
+class NodeState:
+    """The node's secure-sum state between the processes of one Flower run.
 
-    def __init__(self, run: RunDir, job: JobConfig, client: int):
+    It travels sealed (AES-256-GCM, under a key that never leaves the node's folder) in `context.state`, which the
+    SuperNode holds in memory and saves only after the reply has gone. So the digest of the latest sealed state is
+    also written to the node's disk, and fsynced, before any reply leaves. A state that is not the latest (a
+    save that was lost, or an older one put back) is refused, and the node sits out the rest of the run rather than
+    mask twice or reveal a share twice.
+    """
+
+    def __init__(self, run: RunDir, job: JobConfig, client: int, flower_run: int):
         self.key = run.secret_key("node-state")
-        self.job, self.client = job.job_id, client
+        self.anchor = run.path / "secrets" / f"state-of-run-{flower_run}.sha256"
+        self.binding = {"job": job.job_id, "stage": f"node-state/{flower_run}", "sender": client, "recipient": client}
 
-    def seal(self, state: bytes) -> bytes:
-        return seal(self.key, state, job=self.job, stage="node-state", sender=self.client, recipient=self.client)
+    def load(self, context: Context) -> bytes:
+        saved = context.state.get(RECORD)
+        blob = saved.get(STATE_KEY) if saved is not None else None
+        latest = self.anchor.read_text(encoding="ascii").strip() if self.anchor.exists() else None
+        if (blob is None) != (latest is None) or (blob is not None and hashlib.sha256(blob).hexdigest() != latest):
+            raise ProtocolError("this node's secure-aggregation state is not the one it last saved (lost or put "
+                                "back); it sits out the rest of this run")
+        return unseal(self.key, blob, **self.binding) if blob is not None else b""
 
-    def open(self, blob: bytes) -> bytes:
-        return unseal(self.key, blob, job=self.job, stage="node-state", sender=self.client, recipient=self.client)
+    def save(self, context: Context, state: bytes) -> None:
+        blob = seal(self.key, state, **self.binding)
+        write_atomic(self.anchor, hashlib.sha256(blob).hexdigest().encode() + b"\n")
+        context.state[RECORD] = ConfigRecord({STATE_KEY: blob})
 
 
 def _message(wire: bytes, node: int, kind: str, ttl: float) -> FlowerMessage:
