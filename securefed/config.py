@@ -198,7 +198,7 @@ class WatermarkConfig(Section):
     trigger_rate: float = Field(0.05, ge=0, lt=0.5, description="r: each client's trigger loss weighs "
                                 "K·r/(1 − r) against the task's mean loss, K the clients averaged per round")
     weight: float = Field(1.0, gt=0, le=1e4, description="α, the weight of the bits' hinge loss")
-    margin: float = Field(0.1, gt=0, le=100, description="m: the hinge pushes each projection this far past zero")
+    margin: float = Field(0.05, gt=0, le=100, description="m: the hinge pushes each projection this far past zero")
 
     @model_validator(mode="before")
     @classmethod
