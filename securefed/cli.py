@@ -455,12 +455,11 @@ def flower_demo(
     """Run JOB across real Flower processes on this machine: a SuperLink and one SuperNode per client on
     127.0.0.1, with TLS and node authentication, each client holding only its share of the data."""
     from .rundir import RunDir
-    from .runtime.deployment import Loopback, check_deployable
+    from .runtime.deployment import Loopback, check_deployable, require_empty
 
     config = load_job(job)
     check_deployable(config)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SecurefedError(f"{out} exists and is not an empty folder; give a new folder")
+    require_empty(out, "the demo")
     deployment = Loopback(out.resolve())
     try:
         with console.status(f"{config.federation.clients} SuperNodes on 127.0.0.1 running {job} "

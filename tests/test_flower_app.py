@@ -287,7 +287,7 @@ def test_the_test_ca_signs_a_server_certificate_and_node_keys_flower_can_read(tm
         assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
         assert public.public_numbers() == private.public_key().public_numbers()
         assert certs.node_key(i).stat().st_mode & 0o077 == 0
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(ConfigError, match="not an empty folder"):
         make_certificates(tmp_path / "certs", 1, ["127.0.0.1"])
 
 

@@ -109,6 +109,12 @@ def node_run_dir(job: JobConfig, folder: Path, client: int) -> RunDir:
     return RunDir.for_job(job, folder / f"{job.name}-{job.fingerprint()[:12]}-client-{client}")
 
 
+def require_empty(folder: Path, what: str) -> None:
+    """Refuse a folder that holds anything (or is a file): nothing of the user's is ever overwritten."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"{folder} exists and is not an empty folder; give a new folder for {what}")
+
+
 # ---------------------------------------------------------------- certificates and node keys
 
 
@@ -138,8 +144,7 @@ def make_certificates(folder: Path, nodes: int, hosts: list[str], days: int = 30
     format, which Flower's SuperNode and `flwr supernode register` read). For tests and trials: a real
     deployment takes its server certificate from the organisation's own CA."""
     certs = Certificates(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise ConfigError(f"{folder} is not empty; give a new folder for the certificates")
+    require_empty(folder, "the certificates")
     folder.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -202,8 +207,7 @@ def write_app(job: JobConfig, labels: list[str], folder: Path, run_dir: Path, *,
               join_timeout: float) -> Path:
     """A Flower App folder whose components are securefed's and whose run config carries the job."""
     check_deployable(job)
-    if folder.exists() and any(folder.iterdir()):
-        raise ConfigError(f"{folder} is not empty; give a new folder for the App")
+    require_empty(folder, "the App")
     folder.mkdir(parents=True, exist_ok=True)
     app = AppConfig(job, labels, run_dir.resolve(), reply_timeout, join_timeout)
     document = {
