@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import types
 from collections.abc import Sequence
 
 import peft
+import torch
 
 from ..config import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig
 from ..errors import ModelError
@@ -30,11 +33,48 @@ def peft_config(config: PeftConfig, modules_to_save: Sequence[str] = ()) -> peft
 
 
 def attach(model, config: PeftConfig, modules_to_save: Sequence[str] = ()):
+    """The peft model; a method the model cannot take is a ModelError here, before any training."""
+    expose_past_key_values(model)
     try:
-        return peft.get_peft_model(model, peft_config(config, modules_to_save))
+        peft_model = peft.get_peft_model(model, peft_config(config, modules_to_save))
+        if isinstance(config, PrefixTuningConfig):
+            _probe(peft_model)  # peft checks prefix support only in forward
     except (ValueError, KeyError) as exc:
         reason = str(exc).splitlines()[0]
-        raise ModelError(f"cannot attach {config.method} to {type(model).__name__}: {reason}") from None
+        source = getattr(model.config, "_name_or_path", "") or model.config.model_type
+        raise ModelError(f"cannot attach {config.method} to {type(model).__name__} ({source}): {reason}") from None
+    return peft_model
+
+
+def expose_past_key_values(model) -> None:
+    """Prefix tuning hands its prefix to the model as `past_key_values`, and peft 0.21 finds out whether a model
+    takes it from the forward signatures. transformers 5.24 renamed that parameter `cache` (the old name still
+    works through a deprecation shim), so an encoder such as BERT looks as if it took none. Give this one model a
+    forward that names the parameter again and passes it on under the new name; other methods never pass it."""
+    backbone = getattr(model, model.base_model_prefix, model)
+    if any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone)):
+        return
+    if "cache" not in inspect.signature(backbone.forward).parameters:
+        return  # the model takes no prefix at all: the probe says so
+
+    def forward(self, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return type(self).forward(self, *args, **kwargs)
+
+    model.forward = types.MethodType(forward, model)  # bound, so a deep copy binds to the copy
+
+
+def _probe(peft_model) -> None:
+    """One forward pass of two tokens, without gradients or dropout."""
+    training = peft_model.training
+    peft_model.eval()
+    try:
+        with torch.no_grad():
+            tokens = torch.ones((1, 2), dtype=torch.long)
+            peft_model(input_ids=tokens, attention_mask=torch.ones_like(tokens))
+    finally:
+        peft_model.train(training)
 
 
 def base_name(name: str) -> str:

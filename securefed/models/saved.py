@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import ModelError
+from .adapters import expose_past_key_values
 from .pooling import POOLING_CONFIG
 from .registry import load_base, resolve
 
@@ -39,6 +40,7 @@ def load_adapter(directory: Path):
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ModelError(f"{card_path}: unreadable model card ({exc})") from None
     base, tokenizer = load_base(resolve(name), labels)
+    expose_past_key_values(base)
     try:
         model = PeftModel.from_pretrained(base, directory)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
