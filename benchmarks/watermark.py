@@ -74,7 +74,7 @@ def train(job, out: Path, threads: int, dp_secret: str) -> dict:
 
 def dev_accuracy(model, tokenizer, splits) -> float:
     dev = encode(splits.dev.texts, tokenizer, 64, splits.dev.labels)
-    return round(evaluate(model, dev, PadCollator(tokenizer.pad_token_id), 64).accuracy, 4)
+    return round(evaluate(model, dev, PadCollator(tokenizer.pad_token_id), 64)["accuracy"], 4)
 
 
 def verdicts(model, tokenizer, keys, base) -> list[dict]:
@@ -115,7 +115,7 @@ def finetune_on_ag_news(model, tokenizer, learning_rate: float) -> float:
         if step % 50 == 0:
             say(f"finetune at {learning_rate:g}: step {step}, loss {loss.item():.3f}")
     test = encode(splits.dev.texts[:2000], tokenizer, 64, splits.dev.labels[:2000])
-    return round(evaluate(model, test, collator, 64).accuracy, 4)
+    return round(evaluate(model, test, collator, 64)["accuracy"], 4)
 
 
 def prune_half(model_dir: Path, carrier, base: np.ndarray):

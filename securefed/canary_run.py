@@ -56,6 +56,9 @@ def run_with_canaries(config: JobConfig, *, client: int = 0, canaries: int = 100
                       confidence: float = 0.95, out: Path | None = None,
                       observer: Observer | None = None) -> EmpiricalAudit:
     fed = config.federation
+    if config.task.kind != "classification":
+        raise ConfigError(f"audit --empirical plants labelled canaries: it runs on classification jobs only so far, "
+                          f"not {config.task.kind}")
     if not 0 <= client < fed.clients:
         raise ConfigError(f"--client {client}: the job has clients 0 to {fed.clients - 1}")
     if canaries < 2:

@@ -21,6 +21,7 @@ from rich.table import Table
 from .config import load_job
 from .errors import SecurefedError
 from .interfaces import Observer
+from .report import dev_metrics, headline_score
 
 app = typer.Typer(
     name="securefed",
@@ -52,9 +53,7 @@ class ProgressObserver(Observer):
     def round_finished(self, record: Mapping) -> None:
         self.progress.update(self.rounds, completed=record["round"])
         self.progress.update(self.steps, visible=False)
-        accuracy = record.get("dev_accuracy")
-        shown = "-" if accuracy is None else f"{accuracy:.4f}"
-        self.progress.console.print(f"round {record['round']}: dev accuracy {shown}, "
+        self.progress.console.print(f"round {record['round']}: {headline_score(record)}, "
                                     f"train loss {_num(record.get('train_loss'))}", markup=False)
 
     def notice(self, text: str) -> None:
@@ -111,9 +110,44 @@ def evaluate(
         raise SecurefedError(f"{run_dir} is not a securefed run directory (no job.toml)")
     result = evaluate_saved(run_, load_job(run_.job_file))
     if as_json:
-        print(json.dumps({"dev_accuracy": result.accuracy, "dev_loss": result.loss, "examples": result.examples}))
+        print(json.dumps({**{f"dev_{k}": v for k, v in result.metrics.items()}, "examples": result.examples}))
     else:
-        print(f"dev accuracy {result.accuracy:.4f}, dev loss {result.loss:.4f} ({result.examples} examples)")
+        scores = ", ".join(f"dev {k.replace('_', '-')} {v:.4f}" for k, v in reversed(result.metrics.items()))
+        print(f"{scores} ({result.examples} examples)")
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="a generation job's run directory")],
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="an instruction (repeat for more)")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="JSONL: one instruction per line, with the job's "
+                                              "instruction field and optionally its context field")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, max=4096,
+                                                       help="default: the job's task.max_new_tokens")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per answer")] = False,
+) -> None:
+    """Answer instructions with the run's model (its adapter on its base), greedily, in the job's prompt template."""
+    from .data.instructions import instruction_source, load_prompts
+    from .job import answer_saved
+    from .rundir import RunDir
+
+    run_ = RunDir(run_dir)
+    if not run_.job_file.is_file():
+        raise SecurefedError(f"{run_dir} is not a securefed run directory (no job.toml)")
+    config = load_job(run_.job_file)
+    instructions, contexts = list(prompt or []), [""] * len(prompt or [])
+    if file is not None:
+        asked, given = load_prompts(instruction_source(config.data), file)
+        instructions, contexts = instructions + asked, contexts + given
+    if not instructions:
+        raise SecurefedError("give at least one --prompt or a --file of instructions")
+    with console.status(f"answering {len(instructions)} instruction(s)"):
+        answers = answer_saved(run_, config, instructions, contexts, max_new_tokens)
+    for instruction, answer in zip(instructions, answers):
+        if as_json:
+            print(json.dumps({"instruction": instruction, "answer": answer}, ensure_ascii=False))
+        else:
+            print(f"> {instruction}\n{answer}\n")
 
 
 @app.command()
@@ -327,9 +361,10 @@ def flower_app_folder(
 ) -> None:
     """Write a Flower App that runs JOB: securefed's ServerApp and ClientApp, with the job in its run config."""
     from .data.datasets import label_names
-    from .runtime.deployment import write_app
+    from .runtime.deployment import check_deployable, write_app
 
     config = load_job(job)
+    check_deployable(config)  # before reading labels: a generation job has none
     where = run_dir or config.output.dir or Path("runs") / config.name
     written = write_app(config, label_names(config.data), out, where, reply_timeout=reply_timeout,
                        join_timeout=join_timeout)
@@ -482,11 +517,13 @@ def _exec(command: list[str], env: dict[str, str]) -> None:
 
 def _summary(records: Sequence[Mapping]) -> Table:
     table = Table(title="rounds")
-    for name in ("round", "clients", "train loss", "dev loss", "dev acc", "MB down", "MB up", "seconds"):
+    scores = list(dev_metrics(records[0])) if records else []
+    for name in ("round", "clients", "train loss", *(f"dev {s.replace('_', '-')}" for s in scores), "MB down",
+                 "MB up", "seconds"):
         table.add_column(name, justify="right")
     for r in records:
         table.add_row(str(r["round"]), f"{r['contributors']}/{r['cohort']}", _num(r["train_loss"]),
-                      _num(r["dev_loss"]), _num(r["dev_accuracy"]), f"{r['bytes_down'] / 1e6:.2f}",
+                      *(_num(v) for v in dev_metrics(r).values()), f"{r['bytes_down'] / 1e6:.2f}",
                       f"{r['bytes_up'] / 1e6:.2f}", f"{sum(r['seconds'].values()):.1f}")
     return table
 

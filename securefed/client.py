@@ -53,6 +53,7 @@ class Client:
         evaluate: Callable[[np.ndarray], Evaluation] | None = None,
         wrapper: TrainingWrapper | None = None,
         weighting: Weighting = BY_EXAMPLES,
+        loss: Callable[[torch.nn.Module, dict], torch.Tensor] = lambda module, batch: module(**batch).loss,
     ):
         self.cid = cid
         self.model = model
@@ -66,6 +67,7 @@ class Client:
         self.evaluate = evaluate
         self.wrapper = wrapper
         self.weighting = weighting
+        self.loss = loss  # the task's: the mean of the batch's per-example losses
 
     @property
     def examples(self) -> int:
@@ -107,8 +109,7 @@ class Client:
         if self.evaluate is None:
             raise ProtocolError("this client has no dev split to evaluate on")
         result = self.evaluate(self.open(ins.model, ins.spec, ins.round))
-        return EvaluateRes(round=ins.round, metrics={"loss": result.loss, "accuracy": result.accuracy,
-                                                     "examples": float(result.examples)})
+        return EvaluateRes(round=ins.round, metrics={**result.metrics, "examples": float(result.examples)})
 
     def _train_locally(self, round: int) -> list[float]:
         cfg = self.training
@@ -132,8 +133,7 @@ class Client:
                 loss_sum = 0.0
                 for part in self._micro_batches(indices):
                     batch = self.collator.batch(self.data, part)
-                    outputs = module(**batch)
-                    loss = outputs.loss
+                    loss = self.loss(module, batch)
                     scale = (self.wrapper.loss_scale(len(part), len(indices)) if self.wrapper
                              else len(part) / len(indices))
                     (loss * scale).backward()

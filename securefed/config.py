@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import ConfigError
 
-BUILTIN_DATASETS = ("sst2", "ag_news")
+BUILTIN_DATASETS = ("sst2", "ag_news", "dolly", "alpaca")
+GENERATION_DATASETS = ("dolly", "alpaca")
 
 
 # TOML gives strings for paths; everything else must already have its type ("5" is not a round count).
@@ -65,15 +66,36 @@ PeftConfig = Annotated[
 ]
 
 
+class ClassificationTask(Section):
+    """A label per text: a sequence-classification head, cross-entropy, accuracy."""
+
+    kind: Literal["classification"]
+
+
+class GenerationTask(Section):
+    """Instruction tuning of a causal LM: loss on the response tokens, greedy answers scored with Rouge-L."""
+
+    kind: Literal["generation"]
+    template: str = Field("chat", min_length=1, description='"chat": the tokenizer\'s chat template; "plain": an '
+                          "Alpaca-style prompt; or your own, with {instruction} and optionally {context}")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="the longest answer generated in evaluation")
+
+
+TaskConfig = Annotated[ClassificationTask | GenerationTask, Field(discriminator="kind")]
+
+
 class DataConfig(Section):
-    dataset: Literal["sst2", "ag_news"] | None = None
+    dataset: Literal["sst2", "ag_news", "dolly", "alpaca"] | None = None
     train: FilePath | None = None
     dev: FilePath | None = None
-    format: Literal["csv", "tsv", "jsonl"] | None = None
+    format: Literal["csv", "tsv", "jsonl", "json"] | None = None
     header: bool = True
     columns: list[str] | None = None
     text_field: str = "text"
     label_field: str = "label"
+    instruction_field: str = Field("instruction", description="generation: the field holding the instruction")
+    context_field: str | None = Field("context", description="generation: the field holding the context, if any")
+    response_field: str = Field("response", description="generation: the field holding the reference response")
     max_length: int = Field(128, ge=8, le=4096)
     eval_batch_size: int = Field(64, ge=1, le=4096)
 
@@ -97,6 +119,7 @@ class DirichletPartition(Section):
     method: Literal["dirichlet"]
     alpha: float = Field(gt=0, le=1e6)
     min_examples: int = Field(8, ge=1, description="every client gets at least this many examples")
+    field: str | None = Field(None, description="skew the values of this field (default: the label)")
 
 
 class ByFieldPartition(Section):
@@ -220,6 +243,7 @@ class OutputConfig(Section):
 
 class JobConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    task: TaskConfig = ClassificationTask(kind="classification")
     model: ModelConfig = ModelConfig()
     peft: PeftConfig = LoraConfig(method="lora")
     data: DataConfig
@@ -233,6 +257,14 @@ class JobConfig(Section):
     @model_validator(mode="after")
     def _secagg_fits(self) -> JobConfig:
         fed = self.federation
+        dataset = self.data.dataset
+        kind = "generation" if dataset in GENERATION_DATASETS else "classification"
+        if self.task.kind == "generation" and self.peft.method in ("prompt", "prefix"):
+            raise ValueError(f"peft.method: {self.peft.method} tuning cannot generate through peft 0.21 (its generate "
+                             "refuses the inputs); use lora or ia3 for generation")
+        if dataset is not None and kind != self.task.kind:
+            raise ValueError(f'data.dataset: {dataset} is a {kind} dataset, and this job\'s task is {self.task.kind} '
+                             f'(set [task] kind = "{kind}")')
         if self.privacy is not None and fed.group_by_length:
             raise ValueError("federation.group_by_length: DP-SGD samples each batch at random (Poisson sampling), "
                              "which grouping by length would undo; set it to false")
@@ -280,9 +312,27 @@ class JobConfig(Section):
         return bytes.fromhex(self.fingerprint())
 
     def fingerprint(self) -> str:
-        """A hash of everything that determines the run's result: all but the output location."""
+        """A hash of everything that determines the run's result: all but the output location. Settings added
+        since jobs were first run count only when they differ from their defaults, so an older job keeps its
+        fingerprint, and its run directory its ledgers (chained from it) and its resume."""
         content = self.model_dump(mode="json", exclude={"output"})
+        for path, default in _LATER_SETTINGS:
+            *sections, name = path
+            holder = content
+            for section in sections:
+                holder = holder.get(section, {})
+            if holder.get(name, default) == default:
+                holder.pop(name, None)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+_LATER_SETTINGS: list[tuple[tuple[str, ...], Any]] = [
+    (("task",), {"kind": "classification"}),
+    (("data", "instruction_field"), "instruction"),
+    (("data", "context_field"), "context"),
+    (("data", "response_field"), "response"),
+    (("partition", "field"), None),
+]
 
 
 def default_degree(clients: int) -> int:
@@ -349,7 +399,8 @@ def _is_path(name: str) -> bool:
     return "/" in name or "\\" in name or name.startswith((".", "~"))
 
 
-_TAGS = {"lora", "ia3", "prompt", "prefix", "iid", "dirichlet", "by_field", "secaggplus", "ckks", "none"}
+_TAGS = {"lora", "ia3", "prompt", "prefix", "iid", "dirichlet", "by_field", "secaggplus", "ckks", "none",
+         "classification", "generation"}
 
 
 def _describe(exc: ValidationError) -> str:

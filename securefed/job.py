@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from . import secure_sum
 from .client import Client, LocalTraining
 from .config import JobConfig
-from .data import EncodedDataset, PadCollator, Splits, encode, load_splits, partition
+from .data import EncodedDataset, Splits, partition
 from .errors import ConfigError
 from .interfaces import Grid, LossTerm, Observer
-from .models import Evaluation, ModelBundle, build_model, evaluate
+from .models import Evaluation, ModelBundle, build_model
 from .models.saved import load_adapter, save_adapter
 from .privacy.dpsgd import DPSGD, DPSettings, private_module
 from .privacy.ledger import Ledger, ledger_file
@@ -28,6 +28,7 @@ from .secagg import ckks, identity
 from .secagg.ckks import CkksSettings
 from .seeding import stream_seed
 from .server import Schedule, Server
+from .tasks import TaskKind, task_kind
 from .watermark.feature import FeatureWatermark, check_capacity, check_carrier, describe_carrier, scale_values
 from .watermark.keys import SUFFIX, Carrier, WatermarkKey
 from .watermark.trigger import TriggerLoss, trigger_set
@@ -37,14 +38,16 @@ from .weighting import BY_EXAMPLES, Weighting
 
 @dataclass
 class Task:
-    """What every party of an in-process job shares: data splits, the one model, its tokenized data."""
+    """What every party of an in-process job shares: the task kind, data splits, the one model, its tokenized
+    data."""
 
     config: JobConfig
+    kind: TaskKind
     splits: Splits
     bundle: ModelBundle
     train: EncodedDataset
     dev: EncodedDataset
-    collator: PadCollator
+    collator: object  # the task kind's, with batch(dataset, indices)
     secagg: secure_sum.Settings = None
     identity_keys: dict[int, Ed25519PrivateKey] = field(default_factory=dict)  # when the job lists identities
     private_module: object | None = None  # Opacus's per-example-gradient wrapper of the model, under DP-SGD
@@ -55,26 +58,34 @@ class Task:
 
     def evaluate(self, weights: np.ndarray) -> Evaluation:
         self.bundle.view.set(weights)
-        return evaluate(self.bundle.model, self.dev, self.collator, self.config.data.eval_batch_size)
+        return self.kind.evaluate(self.bundle.model, self.bundle.tokenizer, self.splits.dev, self.dev)
 
 
 def load_task(config: JobConfig, splits: Splits | None = None) -> Task:
     """Everything a party of the job needs; `splits` replaces the job's data (a deployed party holds only its own
     partition, or only the dev split)."""
-    splits = splits or load_splits(config.data)
+    kind = task_kind(config)
+    splits = splits or kind.load_splits()
     keys = [WatermarkKey.load(path) for path in config.watermark.keys or ()] if config.watermark else []
     blocks = keys[0].carrier.blocks if keys else config.watermark.blocks if config.watermark else 0
     bundle = build_model(config.model, config.peft, splits.label_names, stream_seed(config.federation.seed, "init"),
-                         carrier_blocks=blocks)
-    max_length = config.data.max_length
+                         carrier_blocks=blocks, kind=kind.name)
+    kind.check(bundle.tokenizer)
+    # a generated answer extends its prompt: both must fit the model's positions
+    answer = getattr(config.task, "max_new_tokens", 0)
+    max_length = config.data.max_length + answer
     positions = bundle.max_positions - getattr(config.peft, "virtual_tokens", 0)
     if max_length > positions:
-        raise ConfigError(f"data.max_length is {max_length} but {config.model.name} takes at most {positions} tokens "
+        setting = "data.max_length + task.max_new_tokens" if answer else "data.max_length"
+        raise ConfigError(f"{setting} is {max_length} but {config.model.name} takes at most {positions} tokens "
                           "per example (its position limit, less any virtual tokens)")
-    train = encode(splits.train.texts, bundle.tokenizer, max_length, splits.train.labels)
-    dev = encode(splits.dev.texts, bundle.tokenizer, max_length, splits.dev.labels)
-    task = Task(config, splits, bundle, train, dev, PadCollator(bundle.tokenizer.pad_token_id))
+    task = Task(config, kind, splits, bundle, kind.encode(splits.train, bundle.tokenizer),
+                kind.encode(splits.dev, bundle.tokenizer), kind.collator(bundle.tokenizer))
     if config.watermark is not None:
+        triggers = any(k.triggers for k in keys) if keys else bool(config.watermark.triggers)
+        if triggers and kind.name != "classification":
+            raise ConfigError("watermark: trigger sets exist for classification only so far; set "
+                              "watermark.triggers = 0 (the feature bits still mark the model)")
         task.carrier = describe_carrier(config.model.name, bundle.model, blocks, bundle.carrier)
         task.carrier_base = scale_values(bundle.model, task.carrier)
         for path, key in zip(config.watermark.keys or (), keys):
@@ -90,10 +101,11 @@ def load_task(config: JobConfig, splits: Splits | None = None) -> Task:
         if -(-entries // ckks.SLOTS) * 140_000 > DEFAULT_MAX_BYTES:  # ~131 KB per ciphertext chunk
             raise ConfigError(f"secagg: the model has {bundle.view.size:,} trainable values; its CKKS ciphertexts "
                               "would exceed the 256 MiB message limit (about 7.6 million values)")
-    if config.privacy is not None and len(train):  # a deployed server trains nothing
+    if config.privacy is not None and len(task.train):  # a deployed server trains nothing
         was_training = bundle.model.training
         bundle.model.train()
-        task.private_module = private_module(bundle.model, task.collator.batch(train, np.arange(min(3, len(train)))))
+        probe = task.collator.batch(task.train, np.arange(min(3, len(task.train))))
+        task.private_module = private_module(bundle.model, probe, kind.loss)
         bundle.model.train(was_training)
     if task.secagg is not None and task.secagg.identities:
         task.identity_keys = {c: identity.load_private(config.secagg.identities, c, public)
@@ -178,24 +190,48 @@ def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer |
     sum_client = secure_sum.client(task.secagg, cid, task.identity_keys.get(cid))
     return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training, sum_client, loss_terms,
                   observer=observer, evaluate=task.evaluate, wrapper=training_wrapper(task, cid, len(data), run),
-                  weighting=task.weighting)
+                  weighting=task.weighting, loss=task.kind.loss)
 
 
 def make_server(task: Task, grid: Grid, run: RunDir, observer: Observer | None = None) -> Server:
     view = task.bundle.view
     return Server(schedule(task.config), view.spec.digest, view.size, secure_sum.server(task.secagg), grid, run,
-                  task.evaluate, observer, task.weighting)
+                  task.evaluate, observer, task.weighting, metrics=task.kind.metrics)
 
 
 def save_model(task: Task, weights: np.ndarray, directory: Path) -> None:
     task.bundle.view.set(weights)
     save_adapter(task.bundle.model, task.bundle.tokenizer, directory, model_name=task.config.model.name,
-                 base_path=task.bundle.base_path, labels=task.splits.label_names, spec=task.bundle.view.spec.digest)
+                 base_path=task.bundle.base_path, labels=task.splits.label_names, spec=task.bundle.view.spec.digest,
+                 kind=task.kind.name)
 
 
 def evaluate_saved(run: RunDir, config: JobConfig) -> Evaluation:
     """Dev metrics of the run's saved model, loaded the way a user would: base + PeftModel.from_pretrained."""
-    splits = load_splits(config.data)
+    kind = task_kind(config)
+    splits = kind.load_splits()
     model, tokenizer, _ = load_adapter(run.model_dir)
-    dev = encode(splits.dev.texts, tokenizer, config.data.max_length, splits.dev.labels)
-    return evaluate(model, dev, PadCollator(tokenizer.pad_token_id), config.data.eval_batch_size)
+    return kind.evaluate(model, tokenizer, splits.dev, kind.encode(splits.dev, tokenizer))
+
+
+def answer_saved(run: RunDir, config: JobConfig, instructions: list[str], contexts: list[str],
+                 max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers of a generation run's saved model (its adapter on its base) to instructions, in the job's
+    prompt template."""
+    from .data.instructions import Instructions
+    from .models.generation import greedy_answers
+
+    kind = task_kind(config)
+    if kind.name != "generation":
+        raise ConfigError(f"{run.path} is a {kind.name} run; only a generation run answers prompts")
+    model, tokenizer, _ = load_adapter(run.model_dir)
+    new_tokens = max_new_tokens or config.task.max_new_tokens
+    positions = getattr(model.config, "max_position_embeddings", None) or 2**31
+    if config.data.max_length + new_tokens > positions:
+        raise ConfigError(f"{config.data.max_length} prompt tokens (data.max_length) and {new_tokens} new ones exceed "
+                          f"the {positions} positions of {config.model.name}")
+    split = Instructions(instructions, contexts, [""] * len(instructions), {}, run.path)
+    prompts = kind.template.prompt_ids(tokenizer, split, config.data.max_length)
+    answers = greedy_answers(model, prompts, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             max_new_tokens=new_tokens, batch_size=8)
+    return tokenizer.batch_decode(answers, skip_special_tokens=True)

@@ -2,21 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .config import JobConfig
 from .rundir import RunDir
 
-ACCURACY_PLOT = "accuracy.png"
 EPSILON_PLOT = "epsilon.png"
+_DEV = "dev_"
+
+
+def dev_metrics(record: Mapping) -> dict[str, float | None]:
+    """A round's scores on the dev split by name: "loss" first, then the task's own (metrics.jsonl sorts its keys,
+    so the order is rebuilt here); the headline is the last."""
+    scores = {key[len(_DEV):]: value for key, value in record.items() if key.startswith(_DEV)}
+    return {name: scores[name] for name in sorted(scores, key=lambda name: name != "loss")}
+
+
+def headline(records: Sequence[Mapping]) -> str:
+    """The task's own score (accuracy, rouge_l): the last dev metric."""
+    return list(dev_metrics(records[0]))[-1] if records and dev_metrics(records[0]) else "loss"
+
+
+def headline_score(record: Mapping) -> str:
+    """"dev accuracy 0.8123" (or the task's own score); "-" before any evaluation."""
+    scores = dev_metrics(record)
+    name, value = list(scores.items())[-1] if scores else ("loss", None)
+    return f"dev {name.replace('_', '-')} {'-' if value is None else f'{value:.4f}'}"
 
 
 def write_report(run: RunDir, job: JobConfig, records: Sequence[dict], watermarks: Sequence[dict] = ()) -> None:
     """`watermarks`: each client's key checked against the final model (the `as_dict` of a verdict)."""
-    plotted = _plot_accuracy(run, records)
+    name = headline(records)
+    label = f"dev {name.replace('_', '-')}"
+    plot = f"{name}.png"
+    plotted = _plot(run, records, _DEV + name, label, plot)
     fed = job.federation
-    done = [r for r in records if r.get("dev_accuracy") is not None]
-    final = done[-1]["dev_accuracy"] if done else None
+    done = [r for r in records if r.get(_DEV + name) is not None]
+    final = done[-1][_DEV + name] if done else None
+    scores = list(dev_metrics(records[0])) if records else ["loss"]
     lines = [
         f"# Run report: {job.name}",
         "",
@@ -28,25 +51,23 @@ def write_report(run: RunDir, job: JobConfig, records: Sequence[dict], watermark
         _aggregation(job, records),
         _privacy(job, records),
         f"- Rounds completed: {len(records)} of {fed.rounds}",
-        f"- Final dev accuracy: {final:.4f}" if final is not None else "- Final dev accuracy: not evaluated",
+        f"- Final {label}: {final:.4f}" if final is not None else f"- Final {label}: not evaluated",
         "",
     ]
     lines += _watermarks(watermarks)
     if plotted:
-        lines += [f"![dev accuracy per round]({ACCURACY_PLOT})", ""]
+        lines += [f"![{label} per round]({plot})", ""]
     if _plot(run, records, "epsilon", "ε spent (PRV, largest over clients)", EPSILON_PLOT):
         lines += [f"![privacy spent per round]({EPSILON_PLOT})", ""]
-    lines += [
-        "| round | clients | dropped | train loss | dev loss | dev accuracy | KB down | KB up | seconds |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    columns = ["round", "clients", "dropped", "train loss", *(f"dev {s.replace('_', '-')}" for s in scores),
+               "KB down", "KB up", "seconds"]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
     for r in records:
         seconds = sum(r["seconds"].values())
-        lines.append(
-            f"| {r['round']} | {r['contributors']}/{r['cohort']} | {r['dropped']} | {_fmt(r['train_loss'])} | "
-            f"{_fmt(r['dev_loss'])} | {_fmt(r['dev_accuracy'])} | {r['bytes_down'] / 1024:.1f} | "
-            f"{r['bytes_up'] / 1024:.1f} | {seconds:.1f} |"
-        )
+        cells = [str(r["round"]), f"{r['contributors']}/{r['cohort']}", str(r["dropped"]), _fmt(r["train_loss"]),
+                 *(_fmt(r.get(_DEV + s)) for s in scores), f"{r['bytes_down'] / 1024:.1f}",
+                 f"{r['bytes_up'] / 1024:.1f}", f"{seconds:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     run.report_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -92,10 +113,6 @@ def _watermarks(verdicts: Sequence[dict]) -> list[str]:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _plot_accuracy(run: RunDir, records: Sequence[dict]) -> bool:
-    return _plot(run, records, "dev_accuracy", "dev accuracy", ACCURACY_PLOT)
 
 
 def _plot(run: RunDir, records: Sequence[dict], key: str, label: str, name: str) -> bool:

@@ -44,6 +44,7 @@ class Server:
         evaluate: Callable[[np.ndarray], Evaluation] | None = None,
         observer: Observer | None = None,
         weighting: Weighting = BY_EXAMPLES,
+        metrics: tuple[str, ...] = ("loss", "accuracy"),
     ):
         self.schedule = schedule
         self.spec = spec
@@ -54,6 +55,7 @@ class Server:
         self.evaluate = evaluate
         self.observer = observer or Observer()
         self.weighting = weighting
+        self.metrics = metrics  # the names evaluation reports, recorded as dev_<name>
 
     def run(self, model: Message, start: int = 1) -> Message:
         """Run rounds `start`..`rounds` from the global `model` (a PlainModel, or sealed); every finished round is
@@ -107,8 +109,7 @@ class Server:
             "contributors": log.contributors,
             "dropped": len(log.dropped),
             "train_loss": _mean([r.metrics["loss"] for r in results.values() if "loss" in r.metrics]),
-            "dev_loss": evaluation.loss if evaluation else None,
-            "dev_accuracy": evaluation.accuracy if evaluation else None,
+            **{f"dev_{name}": evaluation[name] if evaluation else None for name in self.metrics},
             "bytes_down": log.bytes_down,
             "bytes_up": log.bytes_up,
             "seconds": {
@@ -149,9 +150,10 @@ class Server:
                                dropouts=False)
             reply = exchange.replies.get(cid)
             if isinstance(reply, EvaluateRes) and reply.round == log.round:
-                m = {k: reply.metrics.get(k, np.nan) for k in ("loss", "accuracy", "examples")}
+                m = {k: reply.metrics.get(k, np.nan) for k in (*self.metrics, "examples")}
                 if np.isfinite(list(m.values())).all():
-                    return Evaluation(loss=m["loss"], accuracy=m["accuracy"], examples=int(m["examples"]))
+                    examples = int(m.pop("examples"))
+                    return Evaluation(m, examples=examples)
             self.observer.notice(f"round {log.round}: client {cid} could not evaluate the model")
         return None
 

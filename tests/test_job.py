@@ -67,7 +67,7 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_accuracy(finished, job_f
 
     config = load_job(job_file)
     reloaded = evaluate_saved(finished.run, config)
-    assert reloaded.accuracy == pytest.approx(finished.records[-1]["dev_accuracy"], abs=0.005)
+    assert reloaded["accuracy"] == pytest.approx(finished.records[-1]["dev_accuracy"], abs=0.005)
 
     base = AutoModelForSequenceClassification.from_pretrained(config.model.name, num_labels=2)
     model = PeftModel.from_pretrained(base, finished.run.model_dir)
@@ -128,7 +128,7 @@ def test_every_peft_method_trains_and_saves(tmp_path, tiny_model, sst2_sample, m
     result = run(load_job(job), out=tmp_path / "run")
     assert result.records[-1]["dev_accuracy"] is not None
     reloaded = evaluate_saved(result.run, load_job(job))
-    assert reloaded.accuracy == pytest.approx(result.records[-1]["dev_accuracy"], abs=0.005)
+    assert reloaded["accuracy"] == pytest.approx(result.records[-1]["dev_accuracy"], abs=0.005)
 
 
 class PullToZero(LossTerm):

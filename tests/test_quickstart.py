@@ -17,4 +17,4 @@ def test_quickstart_reaches_80_percent_and_the_saved_model_agrees(tmp_path):
     result = run(job, out=tmp_path / "run")
     final = result.records[-1]["dev_accuracy"]
     assert final >= 0.80
-    assert evaluate_saved(result.run, job).accuracy == pytest.approx(final, abs=0.005)
+    assert evaluate_saved(result.run, job)["accuracy"] == pytest.approx(final, abs=0.005)

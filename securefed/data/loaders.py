@@ -1,4 +1,4 @@
-"""Read CSV, TSV and JSONL files into columns.
+"""Read CSV, TSV, JSONL and JSON (one array of objects) files into columns.
 
 A table is a dict from field name to a list of values, one per row. Errors name the
 file and, where there is one, the line.
@@ -16,16 +16,16 @@ from typing import Any, Literal
 from ..errors import DataError
 
 Table = dict[str, list[Any]]
-Format = Literal["csv", "tsv", "jsonl"]
+Format = Literal["csv", "tsv", "jsonl", "json"]
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 def infer_format(path: Path) -> Format:
     suffix = path.suffix.lower().lstrip(".")
-    if suffix in ("csv", "tsv", "jsonl"):
+    if suffix in ("csv", "tsv", "jsonl", "json"):
         return suffix  # type: ignore[return-value]
-    raise DataError(f"{path}: cannot tell the format from the extension; set data.format to csv, tsv or jsonl")
+    raise DataError(f"{path}: cannot tell the format from the extension; set data.format to csv, tsv, jsonl or json")
 
 
 def load_table(
@@ -37,6 +37,8 @@ def load_table(
         with path.open(encoding="utf-8", newline="") as fh:
             if fmt == "jsonl":
                 return _read_jsonl(fh, path)
+            if fmt == "json":
+                return _read_json_array(fh, path)
             return _read_delimited(fh, path, "\t" if fmt == "tsv" else ",", header, columns)
     except FileNotFoundError:
         raise DataError(f"{path}: data file not found") from None
@@ -50,6 +52,9 @@ def write_table(table: Table, rows: Sequence[int], path: Path, fmt: Format, *, h
     """Write the given rows of a table in a format `load_table` reads back as they were."""
     names = list(table)
     with path.open("w", encoding="utf-8", newline="") as fh:
+        if fmt == "json":
+            json.dump([{name: table[name][row] for name in names} for row in rows], fh, ensure_ascii=False, indent=1)
+            return
         if fmt == "jsonl":
             for row in rows:
                 fh.write(json.dumps({name: table[name][row] for name in names}, ensure_ascii=False) + "\n")
@@ -91,24 +96,39 @@ def _read_delimited(fh, path: Path, delimiter: str, header: bool, columns: list[
 
 
 def _read_jsonl(fh, path: Path) -> Table:
-    table: Table = {}
-    rows = 0
+    records = []
     for lineno, line in enumerate(fh, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            records.append((f"{path}:{lineno}", json.loads(line)))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+    return _columns(records, "line")
+
+
+def _read_json_array(fh, path: Path) -> Table:
+    try:
+        records = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected one JSON array of objects")
+    return _columns([(f"{path}: record {i + 1}", record) for i, record in enumerate(records)], "record")
+
+
+def _columns(records: list[tuple[str, Any]], unit: str) -> Table:
+    """Columns from (where, record) pairs; every record an object with the first one's fields."""
+    table: Table = {}
+    for rows, (where, record) in enumerate(records):
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+            raise DataError(f"{where}: expected a JSON object per {unit}")
         if rows == 0:
             table = {key: [] for key in record}
         if record.keys() != table.keys():
-            raise DataError(f"{path}:{lineno}: fields {sorted(record)} differ from the first line's {sorted(table)}")
+            raise DataError(f"{where}: fields {sorted(record)} differ from the first {unit}'s {sorted(table)}")
         for key, value in record.items():
             table[key].append(value)
-        rows += 1
     return table
 
 

@@ -14,37 +14,53 @@ from ..config import ByFieldPartition, DirichletPartition, IidPartition, JobConf
 from ..errors import DataError
 from ..seeding import stream
 from .datasets import Split, load_splits, source_of
+from .instructions import Instructions, instruction_source, load_instruction_splits
 from .loaders import column, infer_format, write_table
 
 _MAX_DRAWS = 200
 
 
-def partition(split: Split, clients: int, config: PartitionConfig, seed: int) -> list[np.ndarray]:
+def partition(split: Split | Instructions, clients: int, config: PartitionConfig, seed: int) -> list[np.ndarray]:
     if len(split) < clients:
         raise DataError(f"{split.path}: {len(split)} examples cannot be shared among {clients} clients")
     rng = stream(seed, "partition")
     match config:
         case IidPartition():
             return iid(len(split), clients, rng)
-        case DirichletPartition(alpha=alpha, min_examples=minimum):
-            return dirichlet(split.labels, clients, alpha, minimum, rng)
+        case DirichletPartition(alpha=alpha, min_examples=minimum, field=field):
+            return dirichlet(_classes(split, field), clients, alpha, minimum, rng)
         case ByFieldPartition(field=field):
             return by_field(column(split.table, field, split.path, "partition.field"), clients, split.path)
     raise AssertionError(f"unhandled partition {config!r}")
 
 
+def _classes(split: Split | Instructions, field: str | None) -> np.ndarray:
+    """What a Dirichlet draw skews: the label, or the values of a field (instruction data has no label)."""
+    if field is None:
+        if isinstance(split, Instructions):
+            raise DataError(f"{split.path}: instruction data has no label to skew; set partition.field "
+                            "(such as category)")
+        return split.labels
+    values = [str(v) for v in column(split.table, field, split.path, "partition.field")]
+    codes = {value: i for i, value in enumerate(sorted(set(values)))}
+    return np.array([codes[v] for v in values], dtype=np.int64)
+
+
 def write_partitions(config: JobConfig, out: Path) -> list[Path]:
     """Each client's share of the job's training data as its own file, in the job's data format: what each
     organisation holds when the job runs across machines (a demonstration; real organisations bring theirs)."""
-    splits = load_splits(config.data)
-    source = source_of(config.data)
-    fmt = source.format or infer_format(source.train)
+    if config.task.kind == "generation":
+        train, header = load_instruction_splits(config.data)[0], True
+        fmt = instruction_source(config.data).format or infer_format(train.path)
+    else:
+        train, source = load_splits(config.data).train, source_of(config.data)
+        fmt, header = source.format or infer_format(source.train), source.header
     fed = config.federation
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for cid, rows in enumerate(partition(splits.train, fed.clients, config.partition, fed.seed)):
+    for cid, rows in enumerate(partition(train, fed.clients, config.partition, fed.seed)):
         path = out / f"client-{cid}.{fmt}"
-        write_table(splits.train.table, rows.tolist(), path, fmt, header=source.header)
+        write_table(train.table, rows.tolist(), path, fmt, header=header)
         paths.append(path)
     return paths
 

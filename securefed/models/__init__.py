@@ -14,7 +14,7 @@ from .adapters import attach, base_name
 from .evaluation import Evaluation, evaluate
 from .flatview import FlatView, ViewSpec
 from .norms import last_block_norms
-from .registry import load_base, resolve
+from .registry import CLASSIFICATION, load_base, resolve
 
 
 @dataclass
@@ -41,20 +41,21 @@ class ModelBundle:
 
 
 def build_model(model: ModelConfig, adapter: PeftConfig, label_names: list[str], init_seed: int,
-                carrier_blocks: int = 0) -> ModelBundle:
-    """The model every party builds alike; with `carrier_blocks`, the scales of the normalization layers in that
-    many last blocks train too (their shifts stay frozen: the watermark needs only the scales)."""
+                carrier_blocks: int = 0, kind: str = CLASSIFICATION) -> ModelBundle:
+    """The model every party builds alike, a classifier or (`kind` generation) a causal LM; with `carrier_blocks`,
+    the scales of the normalization layers in that many last blocks train too (their shifts stay frozen: the
+    watermark needs only the scales)."""
     base_path = resolve(model.name)
     # New weights (the head, adapter initialisations) come from init_seed: every party builds the same model.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        base, tokenizer = load_base(base_path, label_names)
+        base, tokenizer = load_base(base_path, label_names, kind)
         if model.dropout is not None:
             for layer in base.modules():
                 if isinstance(layer, torch.nn.Dropout):
                     layer.p = model.dropout
         carrier = tuple(last_block_norms(base, carrier_blocks)) if carrier_blocks else ()
-        peft_model = attach(base, adapter, carrier)
+        peft_model = attach(base, adapter, carrier, kind)
     shifts = {f"{name}.bias" for name in carrier}
     for name, p in peft_model.named_parameters():
         if p.requires_grad and base_name(name) in shifts:

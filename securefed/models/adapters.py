@@ -1,4 +1,4 @@
-"""Attach a PEFT method (LoRA, IA3, prompt or prefix tuning) to a sequence classifier."""
+"""Attach a PEFT method (LoRA, IA3, prompt or prefix tuning) to a sequence classifier or a causal LM."""
 
 from __future__ import annotations
 
@@ -12,31 +12,33 @@ import torch
 from ..config import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig
 from ..errors import ModelError
 
-_TASK = peft.TaskType.SEQ_CLS
+PEFT_TASKS = {"classification": peft.TaskType.SEQ_CLS, "generation": peft.TaskType.CAUSAL_LM}
 
 
-def peft_config(config: PeftConfig, modules_to_save: Sequence[str] = ()) -> peft.PeftConfig:
+def peft_config(config: PeftConfig, modules_to_save: Sequence[str] = (),
+                kind: str = "classification") -> peft.PeftConfig:
     """peft's config for ours; `modules_to_save` are base modules trained whole (copied, saved with the adapter)."""
     extra = {"modules_to_save": list(modules_to_save)} if modules_to_save else {}
+    task = PEFT_TASKS[kind]
     match config:
         case LoraConfig():
-            return peft.LoraConfig(task_type=_TASK, r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+            return peft.LoraConfig(task_type=task, r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                    target_modules=config.target_modules, **extra)
         case IA3Config():
-            return peft.IA3Config(task_type=_TASK, target_modules=config.target_modules,
+            return peft.IA3Config(task_type=task, target_modules=config.target_modules,
                                   feedforward_modules=config.feedforward_modules, **extra)
         case PromptTuningConfig():
-            return peft.PromptTuningConfig(task_type=_TASK, num_virtual_tokens=config.virtual_tokens, **extra)
+            return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=config.virtual_tokens, **extra)
         case PrefixTuningConfig():
-            return peft.PrefixTuningConfig(task_type=_TASK, num_virtual_tokens=config.virtual_tokens, **extra)
+            return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=config.virtual_tokens, **extra)
     raise AssertionError(f"unhandled PEFT method {config!r}")
 
 
-def attach(model, config: PeftConfig, modules_to_save: Sequence[str] = ()):
+def attach(model, config: PeftConfig, modules_to_save: Sequence[str] = (), kind: str = "classification"):
     """The peft model; a method the model cannot take is a ModelError here, before any training."""
     expose_past_key_values(model)
     try:
-        peft_model = peft.get_peft_model(model, peft_config(config, modules_to_save))
+        peft_model = peft.get_peft_model(model, peft_config(config, modules_to_save, kind))
         if isinstance(config, PrefixTuningConfig):
             _probe(peft_model)  # peft checks prefix support only in forward
     except (ValueError, KeyError) as exc:

@@ -14,16 +14,16 @@ from pathlib import Path
 from ..errors import ModelError
 from .adapters import expose_past_key_values
 from .pooling import POOLING_CONFIG
-from .registry import load_base, resolve
+from .registry import CLASSIFICATION, GENERATION, load_base, resolve
 
 CARD = "securefed.json"
 
 
 def save_adapter(model, tokenizer, directory: Path, *, model_name: str, base_path: Path, labels: list[str],
-                 spec: bytes) -> None:
+                 spec: bytes, kind: str = CLASSIFICATION) -> None:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    card = {"model": model_name, "base_model": str(base_path), "labels": labels, "spec": spec.hex()}
+    card = {"model": model_name, "base_model": str(base_path), "task": kind, "labels": labels, "spec": spec.hex()}
     (directory / CARD).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
 
 
@@ -34,12 +34,14 @@ def load_adapter(directory: Path):
     card_path = directory / CARD
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
-        name, labels = card["model"], list(card["labels"])
+        name, labels, kind = card["model"], list(card["labels"]), str(card.get("task", CLASSIFICATION))
     except FileNotFoundError:
         raise ModelError(f"{directory} is not a securefed model folder (no {CARD})") from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ModelError(f"{card_path}: unreadable model card ({exc})") from None
-    base, tokenizer = load_base(resolve(name), labels)
+    if kind not in (CLASSIFICATION, GENERATION):
+        raise ModelError(f"{card_path}: unknown task {kind!r}")
+    base, tokenizer = load_base(resolve(name), labels, kind)
     expose_past_key_values(base)
     try:
         model = PeftModel.from_pretrained(base, directory)
@@ -56,7 +58,9 @@ def load_merged(directory: Path):
         return model.merge_and_unload(), tokenizer
     if not (directory / "config.json").is_file():
         raise ModelError(f"{directory}: neither a peft adapter folder nor a model folder")
-    return load_base(directory, None)
+    card = directory / CARD
+    kind = json.loads(card.read_text(encoding="utf-8")).get("task", CLASSIFICATION) if card.is_file() else None
+    return load_base(directory, None, GENERATION if kind == GENERATION else CLASSIFICATION)
 
 
 def merge_adapter(directory: Path, out: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,8 @@ class DPSettings:
     secret: int  # seeds sampling and noise; held by the clients only
 
 
-def private_module(model: torch.nn.Module, probe: dict[str, torch.Tensor]) -> GradSampleModule:
+def private_module(model: torch.nn.Module, probe: dict[str, torch.Tensor],
+                   loss: Callable[[torch.nn.Module, dict], torch.Tensor]) -> GradSampleModule:
     """Per-example gradients for every trainable parameter, or a clear error naming one that Opacus cannot give.
 
     `probe` is a small batch: one forward and backward pass on it shows whether each trainable parameter
@@ -63,7 +65,7 @@ def private_module(model: torch.nn.Module, probe: dict[str, torch.Tensor]) -> Gr
     failure = None
     with torch.random.fork_rng(devices=[]):
         try:
-            module(**probe).loss.backward()
+            loss(module, probe).backward()
             failure = next((name for name, p in named
                             if getattr(p, "grad_sample", None) is None or p.grad_sample.shape[0] != examples), None)
         except (RuntimeError, ValueError) as exc:

@@ -93,6 +93,9 @@ def parse_toml_job(text: str) -> JobConfig:
 
 def check_deployable(job: JobConfig) -> None:
     """The job settings that cannot run on Flower yet, refused before anything starts."""
+    if job.task.kind != "classification":
+        raise ConfigError(f"task: {job.task.kind} jobs cannot run on Flower yet; run them in-process "
+                          "(securefed run)")
     if job.secagg.mode == "ckks":
         raise ConfigError("secagg: CKKS cannot run on Flower yet (its clients keep the secret key in memory, and "
                           "Flower starts a new process per message); use secaggplus")

@@ -27,6 +27,7 @@ from ..config import JobConfig
 from ..errors import ConfigError, ProtocolError, SecurefedError
 from ..interfaces import Exchange, Grid, Observer
 from ..protocol import Message, PlainModel, TrainIns, decode, encode
+from ..report import headline_score
 from ..rundir import RunDir, write_atomic
 from ..secagg.channel import seal, unseal
 from .deployment import AppConfig, check_deployable, node_run_dir
@@ -135,10 +136,8 @@ class _Log(Observer):
     """Progress as lines on the ServerApp's output (`flwr log`)."""
 
     def round_finished(self, record: Mapping) -> None:
-        accuracy = record.get("dev_accuracy")
-        shown = "-" if accuracy is None else f"{accuracy:.4f}"
         print(f"securefed: round {record['round']}: {record['contributors']}/{record['cohort']} clients, "
-              f"dev accuracy {shown}", flush=True)
+              f"{headline_score(record)}", flush=True)
 
     def notice(self, text: str) -> None:
         print(f"securefed: {text}", flush=True)
@@ -159,11 +158,11 @@ def serve(grid: FlowerGridApi, context: Context) -> None:
 
 def run_job(grid: FlowerGridApi, app: AppConfig, log: Observer) -> RunDir:
     from .. import job as jobs
-    from ..data.datasets import party_splits
     from ..report import write_report
+    from ..tasks import task_kind
 
     check_deployable(app.job)
-    task = jobs.load_task(app.job, party_splits(app.job.data, app.labels))
+    task = jobs.load_task(app.job, task_kind(app.job).party_splits(app.labels))
     run_dir = RunDir.create(app.job, app.run_dir)
     log.notice(f"run directory {run_dir.path}; waiting for {app.job.federation.clients} clients")
     nodes = discover(grid, app.job.federation.clients, app.join_timeout, log)
@@ -242,9 +241,9 @@ def answer(msg: FlowerMessage, context: Context) -> FlowerMessage:
 
 def _train(app: AppConfig, node: Node, run: RunDir, sum_client, request: TrainIns) -> Message:
     from .. import job as jobs
-    from ..data.datasets import party_splits
+    from ..tasks import task_kind
 
-    task = jobs.load_task(app.job, party_splits(app.job.data, app.labels, node.data))
+    task = jobs.load_task(app.job, task_kind(app.job).party_splits(app.labels, node.data))
     key = jobs.watermark_key(task, run, node.client, node.key) if app.job.watermark else None
     client = jobs.make_client(task, node.client, task.train, run=run, key=key)
     client.secure_sum = sum_client

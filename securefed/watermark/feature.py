@@ -47,8 +47,10 @@ def scale_values(model: torch.nn.Module, carrier: Carrier) -> np.ndarray:
 def describe_carrier(model_name: str, model: torch.nn.Module, blocks: int, modules: Sequence[str]) -> Carrier:
     """The carrier of `modules` (the normalization layers of the last `blocks` blocks), from a model still holding
     its base scales."""
+    # sizes by base name: in a peft model, a submodule path such as Llama's "model.layers" resolves wrongly
+    sizes = {base_name(name): p.numel() for name, p in model.named_parameters()}
     draft = Carrier(model_name, model.config.model_type, blocks,
-                    tuple((f"{m}.weight", model.get_submodule(m).weight.numel()) for m in modules), "")
+                    tuple((f"{m}.weight", sizes[f"{m}.weight"]) for m in modules), "")
     values = scale_values(model, draft)
     return Carrier(draft.model, draft.model_type, blocks, draft.parameters, Carrier.digest(values))
 

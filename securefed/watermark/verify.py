@@ -15,6 +15,7 @@ import torch
 from scipy.stats import binom
 
 from ..data import PadCollator
+from ..errors import WatermarkError
 from ..models.evaluation import predictions
 from .feature import matched_bits, scale_values
 from .keys import WatermarkKey
@@ -53,6 +54,10 @@ def verify(model: torch.nn.Module, tokenizer, key: WatermarkKey, base: np.ndarra
     hits = triggers_p = None
     p = bits_p
     if key.triggers:
+        base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not type(base_model).__name__.endswith("ForSequenceClassification"):
+            raise WatermarkError(f"key {key.owner!r} has a trigger set, which only a classifier answers; "
+                                 f"{type(base_model).__name__} is not one")
         triggers = trigger_set(key, tokenizer, model.config.num_labels)
         data = triggers.encoded(tokenizer, _TRIGGER_TOKENS)
         predicted = np.empty(len(data), dtype=np.int64)
