@@ -68,6 +68,10 @@ def load_task(config: JobConfig, splits: Splits | None = None) -> Task:
     splits = splits or kind.load_splits()
     keys = [WatermarkKey.load(path) for path in config.watermark.keys or ()] if config.watermark else []
     blocks = keys[0].carrier.blocks if keys else config.watermark.blocks if config.watermark else 0
+    triggers = any(k.triggers for k in keys) if keys else bool(config.watermark and config.watermark.triggers)
+    if triggers and kind.name != "classification":  # refused before the model loads and the data is encoded
+        raise ConfigError("watermark: trigger sets exist for classification only so far; set "
+                          "watermark.triggers = 0 (the feature bits still mark the model)")
     bundle = build_model(config.model, config.peft, splits.label_names, stream_seed(config.federation.seed, "init"),
                          carrier_blocks=blocks, kind=kind.name)
     kind.check(bundle.tokenizer)
@@ -82,10 +86,6 @@ def load_task(config: JobConfig, splits: Splits | None = None) -> Task:
     task = Task(config, kind, splits, bundle, kind.encode(splits.train, bundle.tokenizer),
                 kind.encode(splits.dev, bundle.tokenizer), kind.collator(bundle.tokenizer))
     if config.watermark is not None:
-        triggers = any(k.triggers for k in keys) if keys else bool(config.watermark.triggers)
-        if triggers and kind.name != "classification":
-            raise ConfigError("watermark: trigger sets exist for classification only so far; set "
-                              "watermark.triggers = 0 (the feature bits still mark the model)")
         task.carrier = describe_carrier(config.model.name, bundle.model, blocks, bundle.carrier)
         task.carrier_base = scale_values(bundle.model, task.carrier)
         for path, key in zip(config.watermark.keys or (), keys):
