@@ -17,7 +17,7 @@ from securefed.job import evaluate_saved, load_task, verify_key
 from securefed.models.generation import greedy_answers, response_losses, rouge_l
 from securefed.models.registry import load_base
 from securefed.privacy.audit import audit_ledgers
-from securefed.runtime.local import run
+from securefed.runtime.local import execute, prepare, run
 from securefed.watermark.keys import WatermarkKey
 
 FAMILIES = ["gpt2", "llama", "qwen2", "opt"]
@@ -123,7 +123,14 @@ def test_each_owner_finds_its_bits_in_the_rmsnorm_scales(llama, instruction_samp
                                   watermark={"bits": 48, "blocks": 2, "triggers": 0},
                                   federation={"rounds": 4, "clients": 2, "local_steps": 3, "batch_size": 8,
                                               "optimizer": "sgd", "momentum": 0.0, "learning_rate": 0.3}))
-    result = run(job, out=tmp_path / "run")
+    prepared = prepare(job, out=tmp_path / "run")
+    # fixed keys and DP secret where the run would draw its own: the same margin on every machine
+    for c in range(2):
+        WatermarkKey(f"client {c}", bytes([c + 1]) * 32, bytes([c + 101]) * 32, 48, prepared.task.carrier, 0,
+                     4).save(prepared.run_dir.keys_dir / f"client-{c}.wmkey")
+    (prepared.run_dir.path / "secrets").mkdir(mode=0o700)
+    (prepared.run_dir.path / "secrets" / "dp").write_text("0123456789abcdef\n", encoding="ascii")
+    result = execute(prepared)
     assert job.secagg.mode == "secaggplus" and result.records[-1]["contributors"] == 2
     assert min(w["matched_bits"] for w in result.watermarks) >= 46
     assert [w["verdict"] for w in result.watermarks] == ["owned", "owned"]
