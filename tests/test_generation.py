@@ -197,6 +197,7 @@ def test_a_tokenizer_without_a_chat_template_is_refused_for_chat(tmp_path, instr
     assert_user_error(securefed("run", "job.toml", cwd=tmp_path), "no chat template")
 
 
+@pytest.mark.slow  # four CLI processes, each loading torch and a model: the default tier stays under 15 min
 def test_evaluate_and_generate_from_the_command_line(llama, instruction_sample, tmp_path, tiny_model, sst2_sample):
     generation_job(tmp_path, llama, instruction_sample, federation={"rounds": 1, "clients": 2, "local_steps": 1})
     assert securefed("run", "job.toml", "--out", "run", cwd=tmp_path).returncode == 0
