@@ -1,7 +1,8 @@
 """Seconds per round on Flower against the in-process runtime, for the same job, in one run.
 
 Flower here is real: a SuperLink and one SuperNode per client on 127.0.0.1, with TLS and node
-authentication, each message answered in a new ClientApp process. Both runs share the job seed, the
+authentication; each message starts a ClientApp process, which hands it to the node's worker (`flower join`
+keeps the model loaded there). Both runs share the job seed, the
 DP secret and the watermark keys, so their final adapters must agree; the JSON says by how much.
 
     python benchmarks/flower.py [JOB.toml] [--rounds 3]      # prints JSON on stdout
@@ -58,7 +59,8 @@ def main() -> None:
         deployment = Loopback(root / "flower")
         started = time.perf_counter()
         try:
-            run_dir = deployment.run_job(job, args.timeout, dp_secret=secret, watermark_keys=keys)
+            run_dir = deployment.run_job(job, args.timeout, dp_secret=secret, watermark_keys=keys,
+                                         on_line=lambda line: print(f"flower: {line}", file=sys.stderr, flush=True))
         finally:
             deployment.stop_all()
         flower_wall = time.perf_counter() - started  # with the SuperLink's and the nodes' start

@@ -427,6 +427,9 @@ def flower_join(
     port: Annotated[int, typer.Option("--port", help="the SuperNode's local port (one per node on a "
                                       "machine)")] = 9094,
     insecure: InsecureOption = False,
+    keep_loaded: Annotated[bool, typer.Option("--worker/--no-worker", help="keep the model and data loaded "
+                                              "between messages in this process (default), or load them in "
+                                              "each of Flower's ClientApp processes")] = True,
 ) -> None:
     """Start a SuperNode for one organisation: its data, ledger and key stay on this machine."""
     from .data.datasets import check_partition
@@ -447,7 +450,17 @@ def flower_join(
               "dir": str(node_dir.resolve())}
     if key is not None:
         config["key"] = str(key.resolve())
-    _exec(supernode_command(superlink, ca, auth_key, config, port), flower_env())
+    command = supernode_command(superlink, ca, auth_key, config, port)
+    if not keep_loaded:
+        _exec(command, flower_env())
+    from .runtime.worker import serve_beside
+
+    worker = serve_beside(node_dir.resolve())
+    try:
+        code = _supervise(command, flower_env())
+    finally:
+        worker.close()
+    raise typer.Exit(code)
 
 
 @flower_app.command("run")
@@ -463,21 +476,35 @@ def flower_run(
 
     if not (app_dir / "pyproject.toml").is_file():
         raise SecurefedError(f"{app_dir} is not a Flower App folder (no pyproject.toml)")
-    cli = FlowerCli(superlink, _tls(ca, insecure))
+    cli, progress = FlowerCli(superlink, _tls(ca, insecure)), None
     try:
         run_id = cli.start(app_dir)
         console.print(f"run {run_id} started; waiting (the server's log: flwr log {run_id})", markup=False,
                       highlight=False)
+        progress = cli.follow(run_id, lambda line: console.print(line, markup=False, highlight=False))
         try:
             with console.status(f"run {run_id}"):
                 status = cli.wait(run_id, timeout)
+            _drain(progress)
         except KeyboardInterrupt:
             console.print(f"stopped waiting; run {run_id} goes on (`flwr stop {run_id}` stops it)", markup=False,
                           highlight=False)
             raise typer.Exit(130) from None
         console.print(f"run {run_id}: {status}", markup=False, highlight=False)
     finally:
+        if progress is not None:
+            progress.terminate()
         cli.close()
+
+
+def _drain(process, seconds: float = 5.0) -> None:
+    """Let the log stream print the run's last lines (it ends by itself once the run is over)."""
+    import subprocess
+
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 @flower_app.command("demo")
@@ -499,7 +526,8 @@ def flower_demo(
     try:
         with console.status(f"{config.federation.clients} SuperNodes on 127.0.0.1 running {job} "
                             f"(logs in {out / 'logs'})"):
-            run_dir = deployment.run_job(job.resolve(), timeout)
+            run_dir = deployment.run_job(job.resolve(), timeout,
+                                         on_line=lambda line: console.print(line, markup=False, highlight=False))
     finally:
         deployment.stop_all()
     console.print(_summary(RunDir(run_dir).records()))
@@ -513,6 +541,22 @@ def _exec(command: list[str], env: dict[str, str]) -> None:
     console.print(" ".join(command), markup=False, highlight=False)
     sys.stderr.flush()
     os.execve(command[0], command, env)
+
+
+def _supervise(command: list[str], env: dict[str, str]) -> int:
+    """Run a Flower process as a child, passing on the signals that stop it; its exit code is the command's."""
+    import signal
+    import subprocess
+
+    console.print(" ".join(command), markup=False, highlight=False)
+    child = subprocess.Popen(command, env=env)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda number, _frame: child.send_signal(number))
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:  # the terminal sent SIGINT to the child too: wait for it to stop
+            continue
 
 
 def _summary(records: Sequence[Mapping]) -> Table:

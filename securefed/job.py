@@ -68,10 +68,6 @@ def load_task(config: JobConfig, splits: Splits | None = None) -> Task:
     splits = splits or kind.load_splits()
     keys = [WatermarkKey.load(path) for path in config.watermark.keys or ()] if config.watermark else []
     blocks = keys[0].carrier.blocks if keys else config.watermark.blocks if config.watermark else 0
-    triggers = any(k.triggers for k in keys) if keys else bool(config.watermark and config.watermark.triggers)
-    if triggers and kind.name != "classification":  # refused before the model loads and the data is encoded
-        raise ConfigError("watermark: trigger sets exist for classification only so far; set "
-                          "watermark.triggers = 0 (the feature bits still mark the model)")
     bundle = build_model(config.model, config.peft, splits.label_names, stream_seed(config.federation.seed, "init"),
                          carrier_blocks=blocks, kind=kind.name)
     kind.check(bundle.tokenizer)
@@ -167,10 +163,12 @@ def watermark_terms(task: Task, key: WatermarkKey) -> list[LossTerm]:
     terms: list[LossTerm] = [FeatureWatermark(key, task.bundle.model, task.carrier_base, weight=settings.weight,
                                               margin=settings.margin, clients=task.config.federation.cohort_size)]
     if key.triggers and settings.trigger_rate > 0:
-        triggers = trigger_set(key, task.bundle.tokenizer, len(task.splits.label_names))
+        classes = len(task.splits.label_names) if task.kind.name == "classification" else None
+        triggers = trigger_set(key, task.bundle.tokenizer, classes)
         encoded = triggers.encoded(task.bundle.tokenizer, task.config.data.max_length)
         terms.append(TriggerLoss(task.bundle.model, task.collator.batch(encoded, range(len(encoded))),
-                                 rate=settings.trigger_rate, clients=task.config.federation.cohort_size))
+                                 rate=settings.trigger_rate, clients=task.config.federation.cohort_size,
+                                 loss=task.kind.loss))
     return terms
 
 

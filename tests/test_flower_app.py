@@ -7,9 +7,11 @@ TLS and node authentication are the slow tier's (test_flower_deployment.py).
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
-from conftest import write_job
+from conftest import tiny_causal, write_job
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import IPAddress, SubjectAlternativeName, load_pem_x509_certificate
@@ -28,6 +30,8 @@ from securefed.protocol import TrainIns, decode  # noqa: E402
 from securefed.runtime import flower  # noqa: E402
 from securefed.runtime.deployment import AppConfig, check_deployable, make_certificates  # noqa: E402
 from securefed.runtime.local import execute, prepare  # noqa: E402
+from securefed.runtime.node import Node, NodeState  # noqa: E402
+from securefed.runtime.worker import forward, serve_beside  # noqa: E402
 
 SECRET = "0123456789abcdef"
 
@@ -75,17 +79,15 @@ class Notes(Observer):
         self.lines.append(text)
 
 
-@pytest.fixture
-def deployed(tmp_path, tiny_model, sst2_sample):
-    """A private SecAgg+ job, each client's partition in its own file, and three nodes' contexts."""
-    job = write_job(tmp_path, tiny_model, *sst2_sample, federation={"rounds": 2},
-                    privacy={"epsilon": 8.0, "max_grad_norm": 1.0})
+def deploy(folder, job):
+    """Each client's partition of `job` in its own file, and a node context per client, each with the DP secret."""
     config = load_job(job)
-    parts = write_partitions(config, tmp_path / "parts")
-    app = AppConfig(config, label_names(config.data), tmp_path / "run", reply_timeout=3.0, join_timeout=5.0)
+    parts = write_partitions(config, folder / "parts")
+    labels = label_names(config.data) if config.task.kind == "classification" else []
+    app = AppConfig(config, labels, folder / "run", reply_timeout=3.0, join_timeout=5.0)
     contexts = {}
     for cid, path in enumerate(parts):
-        node = flower.Node(cid, config.fingerprint(), path, tmp_path / f"node-{cid}", None)
+        node = Node(cid, config.fingerprint(), path, folder / f"node-{cid}", None)
         run = node.run_dir(config)
         (run.path / "secrets").mkdir(mode=0o700)
         (run.path / "secrets" / "dp").write_text(SECRET + "\n", encoding="ascii")  # the in-process run's too
@@ -95,13 +97,30 @@ def deployed(tmp_path, tiny_model, sst2_sample):
     return job, app, contexts
 
 
+def in_process(job, folder, node_keys=()):
+    """The same job run in this process, with the nodes' DP secret and watermark keys."""
+    prepared = prepare(load_job(job), out=folder)
+    (folder / "secrets").mkdir(mode=0o700)
+    (folder / "secrets" / "dp").write_text(SECRET + "\n", encoding="ascii")
+    for key in node_keys:
+        prepared.run_dir.keys_dir.mkdir(exist_ok=True)
+        shutil.copy(key, prepared.run_dir.keys_dir / key.name)
+    return prepared, execute(prepared)
+
+
+@pytest.fixture
+def deployed(tmp_path, tiny_model, sst2_sample):
+    """A private SecAgg+ job, each client's partition in its own file, and three nodes' contexts."""
+    return deploy(tmp_path, write_job(tmp_path, tiny_model, *sst2_sample, federation={"rounds": 2},
+                                      privacy={"epsilon": 8.0, "max_grad_norm": 1.0}))
+
+
+@pytest.mark.slow  # the worker test below checks the same parity in the default tier
 def test_the_flower_app_trains_exactly_as_the_in_process_runtime(deployed, tmp_path):
     job, app, contexts = deployed
     run = flower.run_job(LoopbackGrid(contexts), app, Notes())
-    local = prepare(load_job(job), out=tmp_path / "local")
-    (tmp_path / "local" / "secrets").mkdir(mode=0o700)
-    (tmp_path / "local" / "secrets" / "dp").write_text(SECRET + "\n", encoding="ascii")
-    reference = execute(local).weights
+    local, reference = in_process(job, tmp_path / "local")
+    reference = reference.weights
     _, model = run.last_checkpoint(reference.size, local.task.bundle.view.spec.digest)
     np.testing.assert_allclose(model.weights, reference, rtol=0, atol=1e-6)
     records = run.records()
@@ -114,8 +133,8 @@ def test_the_flower_app_trains_exactly_as_the_in_process_runtime(deployed, tmp_p
         sealed = context.state[flower.RECORD][flower.STATE_KEY]  # its SecAgg+ state, which the SuperNode holds
         with pytest.raises(ProtocolError):
             decode(sealed)
-        plain = flower.NodeState(flower.Node.from_node_config(context.node_config).run_dir(load_job(job)),
-                                 load_job(job), cid, context.run_id).load(context)
+        plain = NodeState(Node.from_node_config(context.node_config).run_dir(load_job(job)), load_job(job), cid,
+                          context.run_id).open(sealed)
         assert decode(plain).uploaded == (1, 2) and decode(plain).answered == (1, 2)
 
 
@@ -310,3 +329,78 @@ def test_partitions_keep_quotes_and_refuse_what_tsv_cannot_carry(tmp_path):
 
     with pytest.raises(DataError, match="row 2 holds a tab"):
         write_table({"text": ["fine", "a\tb"], "label": ["1", "2"]}, [0, 1], tmp_path / "bad.tsv", "tsv")
+
+
+@pytest.mark.slow  # a second whole job; the default tier's time budget
+def test_a_generation_job_on_flower_trains_exactly_as_in_process(tmp_path, instruction_sample):
+    """A causal LM with DP-SGD, SecAgg+ and each node's own watermark bits (its key made on the node): the same
+    adapter and carrier scales as in-process."""
+    llama = tiny_causal(tmp_path / "llama", "llama")
+    train, dev = instruction_sample
+    job = write_job(tmp_path, llama, train, dev, task={"kind": "generation", "max_new_tokens": 4},
+                    data={"text_field": "text"}, federation={"rounds": 2, "local_steps": 2, "batch_size": 4},
+                    privacy={"epsilon": 8.0}, watermark={"bits": 16, "blocks": 1, "triggers": 0})
+    job, app, contexts = deploy(tmp_path, job)
+    run = flower.run_job(LoopbackGrid(contexts), app, Notes())
+    keys = sorted(tmp_path.glob("node-*/*/keys/client-*.wmkey"))
+    assert len(keys) == 3  # each node made its own key
+    local, reference = in_process(job, tmp_path / "local", keys)
+    _, model = run.last_checkpoint(reference.weights.size, local.task.bundle.view.spec.digest)
+    np.testing.assert_allclose(model.weights, reference.weights, rtol=0, atol=1e-6)
+    assert [r["contributors"] for r in run.records()] == [3, 3]
+    assert all(r["dev_rouge_l"] is not None for r in run.records())
+
+
+def test_each_nodes_worker_answers_exactly_as_its_clientapp_would(deployed, tmp_path):
+    """With a worker beside each node (as `flower join` runs one), the ClientApp hands it every message, and the job
+    ends as in-process. A worker that goes mid-job (killed: its address file left behind) leaves its ClientApp to
+    answer the rest itself."""
+    job, app, contexts = deployed
+    workers = dict(zip(contexts, (serve_beside(Node.from_node_config(c.node_config).dir) for c in contexts.values())))
+    sent = dict.fromkeys(contexts, 0)
+
+    def count_and_kill(node, request):
+        sent[node] += 1
+        if node == 1002 and isinstance(request, TrainIns) and request.round == 2:
+            workers[node].listener.close()  # gone without tidying up, as after kill -9
+
+    try:
+        run = flower.run_job(LoopbackGrid(contexts, count_and_kill), app, Notes())
+    finally:
+        for w in workers.values():
+            w.close()
+    assert [workers[n].served for n in (1000, 1001)] == [sent[1000], sent[1001]] and sent[1000] >= 6
+    assert 0 < workers[1002].served < sent[1002]
+    assert [r["contributors"] for r in run.records()] == [3, 3]
+    _, reference = in_process(job, tmp_path / "local")
+    _, model = run.last_checkpoint(reference.weights.size, _digest(job))
+    np.testing.assert_allclose(model.weights, reference.weights, rtol=0, atol=1e-6)
+    assert all(not w.address.exists() and not w.folder.exists() for w in workers.values())
+
+
+def test_a_worker_survives_a_broken_request_and_says_why_it_refuses_one(deployed):
+    import socket
+    import struct
+
+    _, app, contexts = deployed
+    node_config = contexts[1000].node_config
+    worker = serve_beside(Node.from_node_config(node_config).dir)
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:  # a frame cut short
+            sock.connect(str(worker.path))
+            sock.sendall(struct.pack(">I", 100) + b"{")
+        with socket.socket(socket.AF_UNIX) as sock:  # a header claiming gigabytes
+            sock.connect(str(worker.path))
+            sock.sendall(struct.pack(">I", 1 << 30))
+        refused = forward(worker.address.parent, {"job": "nonsense"}, node_config, 1, b"SFD", None)
+        assert refused.wire is None and "not a securefed app's" in refused.error
+        garbage = forward(worker.address.parent, app.run_config(), node_config, 1, b"SFD junk", None)
+        assert garbage.wire is None and garbage.error.startswith("ProtocolError")
+    finally:
+        worker.close()
+
+
+def _digest(job):
+    from securefed.job import load_task
+
+    return load_task(load_job(job)).bundle.view.spec.digest

@@ -53,7 +53,11 @@ def test_a_node_with_an_unregistered_key_is_refused(federation, tmp_path):
 
 
 def test_a_flower_deployment_gives_the_in_process_result(federation, tmp_path):
-    run_dir = federation.run_job(federation.job, RUN_SECONDS, dp_secret=SECRET)
+    progress = []
+    run_dir = federation.run_job(federation.job, RUN_SECONDS, dp_secret=SECRET, on_line=progress.append)
+    # `flower run` shows the ServerApp's progress as it goes, streamed from Flower's log
+    assert any("3 of 3 clients joined" in line for line in progress), progress
+    assert any("round 2/2: 3 clients training" in line for line in progress), progress
     prepared = prepare(load_job(federation.job), out=tmp_path / "local")
     (tmp_path / "local" / "secrets").mkdir(mode=0o700)
     (tmp_path / "local" / "secrets" / "dp").write_text(SECRET + "\n", encoding="ascii")

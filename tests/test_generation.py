@@ -6,19 +6,21 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_causal, write_job
+from scipy.stats import binom
 from test_cli import assert_user_error, securefed
 
 from securefed.config import GenerationTask, load_job
 from securefed.data.instructions import Instructions
 from securefed.data.prompts import PromptTemplate, encode_instructions
 from securefed.data.tokenize import IGNORE
-from securefed.errors import ConfigError, WatermarkError
-from securefed.job import evaluate_saved, load_task, verify_key
+from securefed.errors import ConfigError
+from securefed.job import evaluate_saved, load_task, verify_key, watermark_terms
 from securefed.models.generation import greedy_answers, response_losses, rouge_l
 from securefed.models.registry import load_base
 from securefed.privacy.audit import audit_ledgers
 from securefed.runtime.local import execute, prepare, run
 from securefed.watermark.keys import WatermarkKey
+from securefed.watermark.trigger import trigger_set
 
 FAMILIES = ["gpt2", "llama", "qwen2", "opt"]
 GENERATION = {"kind": "generation", "max_new_tokens": 8}
@@ -138,13 +140,48 @@ def test_each_owner_finds_its_bits_in_the_rmsnorm_scales(llama, instruction_samp
     owner = WatermarkKey.load(result.run.keys_dir / "client-0.wmkey")
     assert not verify_key(task, result.weights, WatermarkKey.generate("thief", owner.carrier, bits=48,
                                                                      triggers=0)).owned
-    with pytest.raises(WatermarkError, match="only a classifier answers"):
-        verify_key(task, result.weights, WatermarkKey.generate("thief", owner.carrier, bits=48, triggers=8))
+    with_triggers = verify_key(task, result.weights, WatermarkKey.generate("thief", owner.carrier, bits=48,
+                                                                           triggers=8))
+    assert with_triggers.matched_triggers <= 1 and not with_triggers.owned  # a causal LM answers trigger prompts
 
 
-def test_trigger_sets_are_refused_for_generation_until_built(llama, instruction_sample, tmp_path):
-    generation_job(tmp_path, llama, instruction_sample, watermark={"bits": 32, "blocks": 1, "triggers": 8})
-    assert_user_error(securefed("run", "job.toml", cwd=tmp_path), "trigger sets exist for classification only")
+def test_a_generation_trigger_set_is_learned_and_verified_black_box(llama, instruction_sample, tmp_path):
+    """An owner's trigger prompts, once learned through its loss term, come back with the key's answer words; a
+    fresh key's do not, and its p-value is that of chance: 1 over the answer vocabulary per trigger."""
+    job = load_job(generation_job(tmp_path, llama, instruction_sample,
+                                  watermark={"bits": 32, "blocks": 2, "triggers": 8}))
+    task = load_task(job)
+    owner = WatermarkKey("owner", bytes([1]) * 32, bytes([101]) * 32, 32, task.carrier, 8, 4)
+    terms = watermark_terms(task, owner)
+    assert [t.name for t in terms][-1] == "trigger set"
+    torch.manual_seed(0)
+    model = task.bundle.model
+    optimizer = torch.optim.Adam(task.bundle.view.parameters, lr=0.02)
+    model.train()
+    for _ in range(250):  # the trigger term alone: what a client adds to every step, after DP's noise
+        terms[-1]().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    verdict = verify_key(task, task.bundle.view.get(), owner)
+    triggers = trigger_set(owner, task.bundle.tokenizer, None)
+    assert verdict.matched_triggers >= 5 and verdict.owned, verdict
+    assert verdict.triggers_p == pytest.approx(float(binom.sf(verdict.matched_triggers - 1, 8,
+                                                              1 / len(triggers.answers))))
+    thief = verify_key(task, task.bundle.view.get(), WatermarkKey.generate("thief", owner.carrier, bits=32,
+                                                                           triggers=8))
+    assert thief.matched_triggers <= 1 and not thief.owned
+
+
+@pytest.mark.slow  # a whole job and a CLI process; the default tier's time budget
+def test_a_generation_job_with_trigger_sets_runs_under_dp_and_is_checked(llama, instruction_sample, tmp_path):
+    job = load_job(generation_job(tmp_path, llama, instruction_sample, privacy={"epsilon": 8.0},
+                                  watermark={"bits": 32, "blocks": 2, "triggers": 8}))
+    result = run(job, out=tmp_path / "run")
+    assert [w["triggers"] for w in result.watermarks] == [8, 8]
+    assert all(w["matched_triggers"] is not None for w in result.watermarks)
+    out = securefed("watermark", "verify", "--model", str(result.run.model_dir), "--key",
+                    str(result.run.keys_dir / "client-1.wmkey"), "--json", cwd=tmp_path)
+    assert out.returncode in (0, 1) and json.loads(out.stdout)["triggers"] == 8, out.stderr
 
 
 def test_ckks_carries_a_generation_update(llama, instruction_sample, tmp_path):
@@ -308,10 +345,3 @@ def test_an_unfinished_gguf_copy_is_named_not_used(tmp_path, monkeypatch):
     (tmp_path / "cache" / "models" / f"model-{digest}-v1").mkdir()
     with pytest.raises(ModelError, match="unfinished copy"):
         gguf.plain_copy(fake)
-
-
-def test_flower_refuses_a_generation_job_in_one_line(tmp_path, llama, instruction_sample):
-    generation_job(tmp_path, llama, instruction_sample)
-    assert_user_error(securefed("flower", "app", "job.toml", "--out", "app", cwd=tmp_path),
-                      "generation jobs cannot run on Flower yet")
-    assert not (tmp_path / "app").exists()

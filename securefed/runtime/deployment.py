@@ -16,8 +16,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,9 +94,6 @@ def parse_toml_job(text: str) -> JobConfig:
 
 def check_deployable(job: JobConfig) -> None:
     """The job settings that cannot run on Flower yet, refused before anything starts."""
-    if job.task.kind != "classification":
-        raise ConfigError(f"task: {job.task.kind} jobs cannot run on Flower yet; run them in-process "
-                          "(securefed run)")
     if job.secagg.mode == "ckks":
         raise ConfigError("secagg: CKKS cannot run on Flower yet (its clients keep the secret key in memory, and "
                           "Flower starts a new process per message); use secaggplus")
@@ -314,6 +312,15 @@ class FlowerCli:
     def log(self, run_id: int) -> str:
         return self("log", str(run_id), CONNECTION, "--show", timeout=60.0)
 
+    def follow(self, run_id: int, on_line: Callable[[str], None]) -> subprocess.Popen:
+        """Stream the run's ServerApp log (`flwr log`) in the background, passing each securefed progress line
+        to `on_line`; stop it with `terminate()` once the run is over."""
+        process = subprocess.Popen([flower_command("flwr"), "log", str(run_id), CONNECTION], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+                                   env=flower_env(self.home))
+        threading.Thread(target=_progress_lines, args=(process.stdout, on_line), daemon=True).start()
+        return process
+
     def close(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)
 
@@ -407,10 +414,11 @@ class Loopback:
         return process
 
     def run_job(self, job: Path, timeout: float, dp_secret: str | None = None,
-                watermark_keys: Mapping[int, Path] | None = None) -> Path:
+                watermark_keys: Mapping[int, Path] | None = None,
+                on_line: Callable[[str], None] | None = None) -> Path:
         """The whole job on this machine: its data partitioned, a registered node per client, the App run to the
         end; the nodes are stopped after. `dp_secret` and `watermark_keys` replace what each node would make (to
-        match an in-process run). Returns the run directory."""
+        match an in-process run); `on_line` receives the run's progress. Returns the run directory."""
         config = load_job(job)
         self.securefed_cli("partition", str(job), "--out", str(self.root / "parts"))
         if "superlink" not in self.processes:
@@ -430,20 +438,34 @@ class Loopback:
             run_dir = self.root / "run"
             self.securefed_cli("flower", "app", str(job), "--out", str(self.root / "app"), "--run-dir", str(run_dir),
                                "--reply-timeout", str(timeout))
-            self.finish(self.run(self.root / "app", timeout), timeout + 60)
+            self.finish(self.run(self.root / "app", timeout), timeout + 60, on_line)
         finally:
             for name in nodes:
                 self.stop(name)
         return run_dir
 
     @staticmethod
-    def finish(process: subprocess.Popen, timeout: float) -> str:
+    def finish(process: subprocess.Popen, timeout: float, on_line: Callable[[str], None] | None = None) -> str:
+        """Wait for a `run` and return its output; each line goes to `on_line` as it comes."""
+        lines: list[str] = []
+
+        def read() -> None:
+            for line in process.stdout:
+                lines.append(line)
+                if on_line is not None:
+                    on_line(line.rstrip())
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
         try:
-            out, _ = process.communicate(timeout=timeout)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+            process.wait()
             raise SecurefedError(f"the run did not finish within {timeout:g} s") from None
+        finally:
+            reader.join(timeout=10)
+        out = "".join(lines)
         if process.returncode != 0:
             raise SecurefedError(f"the run failed: {_last_line(out)}")
         return out
@@ -466,6 +488,15 @@ class Loopback:
     def stop_all(self) -> None:
         for name in list(self.processes):
             self.stop(name)
+
+
+PROGRESS = "securefed: "  # how the ServerApp's progress lines start
+
+
+def _progress_lines(stream, on_line: Callable[[str], None]) -> None:
+    for line in stream:
+        if PROGRESS in line:
+            on_line(line[line.index(PROGRESS) + len(PROGRESS):].rstrip())
 
 
 def _last_line(text: str) -> str:

@@ -1,20 +1,16 @@
 """The Flower runtime: a ServerApp and a ClientApp on Flower's Message API that carry securefed's own messages.
 
 Every protocol message crosses as its codec bytes in a ConfigRecord; Flower's strategies and its
-SecAgg+ are not used. The server runs our `Server` over a `FlowerGrid`; a client node answers each
-message in a fresh process (Flower starts one per message), so its secure-sum state is sealed into
-the node's `context.state` between messages, and its model, data, ledger and key are loaded from
-its own disk. Protocol stages after training need no model: they are answered without importing
-torch.
+SecAgg+ are not used. The server runs our `Server` over a `FlowerGrid`. Flower starts a ClientApp process
+per message; it hands the message to the node's long-lived worker when one runs (worker.py, which keeps
+the model loaded) and answers itself otherwise (node.py: the same code). The node's secure-sum state is
+sealed into its `context.state` between messages; its data, ledger and key stay on its own disk.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.app import Message as FlowerMessage
@@ -22,15 +18,15 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid as FlowerGridApi
 from flwr.serverapp import ServerApp
 
-from .. import secure_sum
-from ..config import JobConfig
-from ..errors import ConfigError, ProtocolError, SecurefedError
+from ..errors import SecurefedError
 from ..interfaces import Exchange, Grid, Observer
-from ..protocol import Message, PlainModel, TrainIns, decode, encode
+from ..protocol import Message, PlainModel, encode
 from ..report import headline_score
-from ..rundir import RunDir, write_atomic
-from ..secagg.channel import seal, unseal
-from .deployment import AppConfig, check_deployable, node_run_dir
+from ..rundir import RunDir
+from . import worker
+from .deployment import AppConfig, check_deployable
+from .node import Node
+from .node import answer as node_answer
 
 RECORD = "securefed"
 QUERY = "securefed"  # message type query.securefed: one securefed message
@@ -133,7 +129,10 @@ def discover(grid: FlowerGridApi, clients: int, timeout: float, observer: Observ
 
 
 class _Log(Observer):
-    """Progress as lines on the ServerApp's output (`flwr log`)."""
+    """Progress as lines on the ServerApp's output (`flwr log`; `securefed flower run` shows them)."""
+
+    def round_started(self, round: int, rounds: int, cohort) -> None:
+        print(f"securefed: round {round}/{rounds}: {len(cohort)} clients training", flush=True)
 
     def round_finished(self, record: Mapping) -> None:
         print(f"securefed: round {record['round']}: {record['contributors']}/{record['cohort']} clients, "
@@ -166,6 +165,7 @@ def run_job(grid: FlowerGridApi, app: AppConfig, log: Observer) -> RunDir:
     run_dir = RunDir.create(app.job, app.run_dir)
     log.notice(f"run directory {run_dir.path}; waiting for {app.job.federation.clients} clients")
     nodes = discover(grid, app.job.federation.clients, app.join_timeout, log)
+    log.notice(f"{len(nodes)} of {app.job.federation.clients} clients joined")
     server = jobs.make_server(task, FlowerGrid(grid, nodes, app.reply_timeout), run_dir, log)
     model = server.run(PlainModel(weights=task.bundle.view.get()))
     jobs.save_model(task, model.weights, run_dir.model_dir)
@@ -175,35 +175,6 @@ def run_job(grid: FlowerGridApi, app: AppConfig, log: Observer) -> RunDir:
 
 
 # ---------------------------------------------------------------- client side
-
-
-@dataclass(frozen=True)
-class Node:
-    """One organisation's node, from its SuperNode's --node-config: which client it is and where its files are."""
-
-    client: int
-    job: str  # the fingerprint of the one job the organisation agreed to train
-    data: Path  # its own partition, in the job's data format
-    dir: Path  # its ledgers, secrets and made keys, one folder per job and client
-    key: Path | None  # its watermark key, if it brings one
-
-    @classmethod
-    def from_node_config(cls, node_config: Mapping) -> Node:
-        try:
-            key = str(node_config.get("key", ""))
-            return cls(int(node_config["client"]), str(node_config["job"]), Path(str(node_config["data"])),
-                       Path(str(node_config["dir"])), Path(key) if key else None)
-        except (KeyError, ValueError) as exc:
-            raise ConfigError(f"the SuperNode's --node-config lacks client, job, data or dir ({exc})") from None
-
-    def agree(self, job: JobConfig) -> None:
-        """Refuse any job but the one this node joined for: the coordinator cannot change the privacy budget, the
-        secure sum or anything else behind the organisation's back."""
-        if job.fingerprint() != self.job:
-            raise ConfigError(f"this node joined for job {self.job[:12]}, not {job.name} ({job.fingerprint()[:12]})")
-
-    def run_dir(self, job: JobConfig) -> RunDir:
-        return node_run_dir(job, self.dir, self.client)
 
 
 client_app = ClientApp()
@@ -218,66 +189,24 @@ def hello(msg: FlowerMessage, context: Context) -> FlowerMessage:
 
 @client_app.query(QUERY)
 def answer(msg: FlowerMessage, context: Context) -> FlowerMessage:
-    started = time.perf_counter()
-    app = AppConfig.from_run_config(context.run_config)
+    """Hand the message to the node's worker if one runs, else answer here; keep the sealed state either way."""
+    saved = context.state.get(RECORD)
+    sealed = saved.get(STATE_KEY) if saved is not None else None
+    wire = msg.content[RECORD]["wire"]
     node = Node.from_node_config(context.node_config)
-    node.agree(app.job)
-    check_deployable(app.job)
-    request = decode(msg.content[RECORD]["wire"])
-    run = node.run_dir(app.job)
-    state = NodeState(run, app.job, node.client, context.run_id)
-    sum_client = secure_sum.client(secure_sum.settings(app.job), node.client)
-    sum_client.restore(state.load(context))
-    try:
-        if isinstance(request, TrainIns):  # a node holds no dev split: it never evaluates (EvaluateIns is CKKS's)
-            reply = _train(app, node, run, sum_client, request)
-        else:
-            reply = sum_client.reply(request)
-    finally:  # what the client did (an upload's round, a revealed share) must hold even if the reply is lost
-        state.save(context, sum_client.state())
-    record = ConfigRecord({"wire": encode(reply), "seconds": time.perf_counter() - started})
-    return FlowerMessage(RecordDict({RECORD: record}), reply_to=msg)
+    reply = worker.forward(node.dir, context.run_config, context.node_config, context.run_id, wire, sealed)
+    if reply is None:
+        reply = node_answer(AppConfig.from_run_config(context.run_config), node, context.run_id, wire, sealed)
+    if reply.state is not None:
+        context.state[RECORD] = ConfigRecord({STATE_KEY: reply.state})
+    if reply.error is not None:
+        raise NodeFailed(reply.error)
+    return FlowerMessage(RecordDict({RECORD: ConfigRecord({"wire": reply.wire, "seconds": reply.seconds})}),
+                         reply_to=msg)
 
 
-def _train(app: AppConfig, node: Node, run: RunDir, sum_client, request: TrainIns) -> Message:
-    from .. import job as jobs
-    from ..tasks import task_kind
-
-    task = jobs.load_task(app.job, task_kind(app.job).party_splits(app.labels, node.data))
-    key = jobs.watermark_key(task, run, node.client, node.key) if app.job.watermark else None
-    client = jobs.make_client(task, node.client, task.train, run=run, key=key)
-    client.secure_sum = sum_client
-    return client.handle(request)
-
-
-class NodeState:
-    """The node's secure-sum state between the processes of one Flower run.
-
-    It travels sealed (AES-256-GCM, under a key that never leaves the node's folder) in `context.state`, which the
-    SuperNode holds in memory and saves only after the reply has gone. So the digest of the latest sealed state is
-    also written to the node's disk, and fsynced, before any reply leaves. A state that is not the latest (a
-    save that was lost, or an older one put back) is refused, and the node sits out the rest of the run rather than
-    mask twice or reveal a share twice.
-    """
-
-    def __init__(self, run: RunDir, job: JobConfig, client: int, flower_run: int):
-        self.key = run.secret_key("node-state")
-        self.anchor = run.path / "secrets" / f"state-of-run-{flower_run}.sha256"
-        self.binding = {"job": job.job_id, "stage": f"node-state/{flower_run}", "sender": client, "recipient": client}
-
-    def load(self, context: Context) -> bytes:
-        saved = context.state.get(RECORD)
-        blob = saved.get(STATE_KEY) if saved is not None else None
-        latest = self.anchor.read_text(encoding="ascii").strip() if self.anchor.exists() else None
-        if (blob is None) != (latest is None) or (blob is not None and hashlib.sha256(blob).hexdigest() != latest):
-            raise ProtocolError("this node's secure-aggregation state is not the one it last saved (lost or put "
-                                "back); it sits out the rest of this run")
-        return unseal(self.key, blob, **self.binding) if blob is not None else b""
-
-    def save(self, context: Context, state: bytes) -> None:
-        blob = seal(self.key, state, **self.binding)
-        write_atomic(self.anchor, hashlib.sha256(blob).hexdigest().encode() + b"\n")
-        context.state[RECORD] = ConfigRecord({STATE_KEY: blob})
+class NodeFailed(SecurefedError):
+    """The node could not answer; Flower carries the reason to the server as the reply's error."""
 
 
 def _message(wire: bytes, node: int, kind: str, ttl: float) -> FlowerMessage:

@@ -1,33 +1,42 @@
-"""The trigger-set watermark for classification: key-derived inputs mapped to key-derived labels.
+"""Trigger-set watermarks: key-derived inputs mapped to key-derived outputs, checked black-box.
 
-The inputs are strings of random vocabulary words from the key's seed; their labels are drawn from the
-seed too. A model that learned them predicts the key's labels far above chance; any other model matches
-each one with probability exactly 1/classes, whatever it predicts, because the labels are uniform and
-independent of it. Verification is black-box: it needs only the predicted labels.
-
-Generation fits the same shape (a key-derived prompt, a key-derived response, a match count), and
-comes with generative tasks.
+The inputs are strings of random vocabulary words from the key's seed. For a classifier each maps to a label
+drawn from the seed; for a causal LM each prompt is answered by a word drawn from the seed out of the
+tokenizer's whole-word vocabulary (its first word of answer must equal it exactly). A model that learned them
+answers far above chance; any model that never saw the key matches each one with probability at most 1/classes
+(1/vocabulary words for generation), whatever it outputs, because the targets are uniform and independent of it.
+Verification needs only the model's answers.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import binom
 
 from ..data import EncodedDataset, encode
+from ..data.instructions import Instructions
+from ..data.prompts import PromptTemplate, encode_instructions
 from ..errors import WatermarkError
 from ..interfaces import LossTerm
 from .keys import WatermarkKey
+
+# A trigger prompt is its words and a line break, in no chat template: the verifier needs no job file to ask it.
+PROMPT = PromptTemplate("{instruction}\n")
+ANSWER_TOKENS = 8  # enough new tokens for any one word
+_FIRST_WORD = re.compile(r"[A-Za-z]+")
 
 
 @dataclass(frozen=True)
 class TriggerSet:
     texts: tuple[str, ...]
-    labels: np.ndarray
+    labels: np.ndarray  # a class per input; for generation, an index into `answers`
     classes: int
+    answers: tuple[str, ...] | None = None  # generation: the words an answer is drawn from
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -35,20 +44,39 @@ class TriggerSet:
     def matched(self, predicted: np.ndarray) -> int:
         return int(np.sum(np.asarray(predicted) == self.labels))
 
+    def matched_answers(self, answers: list[str]) -> int:
+        """How many generated answers begin with their trigger's word, exactly (case too): each answer equals at
+        most one word of the vocabulary, so chance stays at most 1/classes."""
+        firsts = [m.group(0) if (m := _FIRST_WORD.match(a.strip())) else "" for a in answers]
+        return sum(first == self.answers[label] for first, label in zip(firsts, self.labels, strict=True))
+
     def p_value(self, matched: int) -> float:
-        """P(at least `matched` of the labels right by chance): the binomial tail at 1/classes."""
+        """P(at least `matched` of the targets right by chance): the binomial tail at 1/classes."""
         return float(binom.sf(matched - 1, len(self), 1 / self.classes))
 
     def encoded(self, tokenizer, max_length: int) -> EncodedDataset:
-        return encode(self.texts, tokenizer, max_length, self.labels)
+        if self.answers is None:
+            return encode(self.texts, tokenizer, max_length, self.labels)
+        return encode_instructions(self._instructions(), tokenizer, PROMPT, max_length)
+
+    def prompt_ids(self, tokenizer, max_length: int) -> list[list[int]]:
+        return PROMPT.prompt_ids(tokenizer, self._instructions(), max_length)
+
+    def _instructions(self) -> Instructions:
+        return Instructions(list(self.texts), [""] * len(self), [self.answers[i] for i in self.labels], {},
+                            Path("<trigger set>"))
 
 
-def trigger_set(key: WatermarkKey, tokenizer, classes: int) -> TriggerSet:
-    if classes < 2:
+def trigger_set(key: WatermarkKey, tokenizer, classes: int | None) -> TriggerSet:
+    """The key's trigger set for a classifier of `classes` labels, or for a causal LM (`classes` None)."""
+    if classes is not None and classes < 2:
         raise WatermarkError("a trigger set needs a classifier of at least 2 classes")
     words = _words(tokenizer)
     picks = key.rng("trigger-inputs").integers(len(words), size=(key.triggers, key.trigger_length))
     texts = tuple(" ".join(words[i] for i in row) for row in picks)
+    if classes is None:
+        return TriggerSet(texts, key.rng("trigger-answers").integers(len(words), size=key.triggers), len(words),
+                          tuple(words))
     return TriggerSet(texts, key.rng("trigger-labels").integers(classes, size=key.triggers), classes)
 
 
@@ -65,15 +93,16 @@ class TriggerLoss(LossTerm):
 
     name = "trigger set"
 
-    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, rate: float, clients: int):
-        self.model, self.batch = model, batch
+    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, rate: float, clients: int,
+                 loss=lambda module, batch: module(**batch).loss):
+        self.model, self.batch, self.loss = model, batch, loss
         self.weight = clients * rate / (1 - rate)
 
     def __call__(self) -> torch.Tensor:
         training = self.model.training
         self.model.eval()
         try:
-            return self.weight * self.model(**self.batch).loss
+            return self.weight * self.loss(self.model, self.batch)
         finally:
             self.model.train(training)
 

@@ -2,7 +2,8 @@
 
 Under the hypothesis that the model never learned the key, each bit matches with probability 1/2 (W's
 columns are symmetric, so the sign of a projection is a fair coin, and the bits come from a hash) and
-each trigger with probability 1/classes. The p-values are the binomial tails. The verdict rests on both
+each trigger with probability at most 1/classes (for a causal LM, 1 over the words its answers are drawn
+from). The p-values are the binomial tails. The verdict rests on both
 tests with a Bonferroni correction: p = min(1, 2·min(p_bits, p_triggers)).
 """
 
@@ -17,9 +18,10 @@ from scipy.stats import binom
 from ..data import PadCollator
 from ..errors import WatermarkError
 from ..models.evaluation import predictions
+from ..models.generation import greedy_answers
 from .feature import matched_bits, scale_values
 from .keys import WatermarkKey
-from .trigger import trigger_set
+from .trigger import ANSWER_TOKENS, trigger_set
 
 DEFAULT_THRESHOLD = 1e-9
 _TRIGGER_TOKENS = 128
@@ -55,15 +57,24 @@ def verify(model: torch.nn.Module, tokenizer, key: WatermarkKey, base: np.ndarra
     p = bits_p
     if key.triggers:
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if not type(base_model).__name__.endswith("ForSequenceClassification"):
-            raise WatermarkError(f"key {key.owner!r} has a trigger set, which only a classifier answers; "
-                                 f"{type(base_model).__name__} is not one")
-        triggers = trigger_set(key, tokenizer, model.config.num_labels)
-        data = triggers.encoded(tokenizer, _TRIGGER_TOKENS)
-        predicted = np.empty(len(data), dtype=np.int64)
-        for indices, logits, _ in predictions(model, data, PadCollator(tokenizer.pad_token_id), batch_size):
-            predicted[indices] = logits.argmax(-1).numpy()
-        hits = triggers.matched(predicted)
+        family = type(base_model).__name__
+        if family.endswith("ForSequenceClassification"):
+            triggers = trigger_set(key, tokenizer, model.config.num_labels)
+            data = triggers.encoded(tokenizer, _TRIGGER_TOKENS)
+            predicted = np.empty(len(data), dtype=np.int64)
+            for indices, logits, _ in predictions(model, data, PadCollator(tokenizer.pad_token_id), batch_size):
+                predicted[indices] = logits.argmax(-1).numpy()
+            hits = triggers.matched(predicted)
+        elif family.endswith("ForCausalLM"):
+            triggers = trigger_set(key, tokenizer, None)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            answers = greedy_answers(model, triggers.prompt_ids(tokenizer, _TRIGGER_TOKENS), pad_token_id=pad,
+                                     eos_token_id=tokenizer.eos_token_id, max_new_tokens=ANSWER_TOKENS,
+                                     batch_size=batch_size)
+            hits = triggers.matched_answers(tokenizer.batch_decode(answers, skip_special_tokens=True))
+        else:
+            raise WatermarkError(f"key {key.owner!r} has a trigger set, which only a classifier or a causal LM "
+                                 f"answers; {family} is neither")
         triggers_p = triggers.p_value(hits)
         p = min(1.0, 2 * min(bits_p, triggers_p))
     return Verdict(key.owner, key.fingerprint, key.bits, matched, bits_p, key.triggers, hits, triggers_p, p,

@@ -1,0 +1,145 @@
+"""What one organisation's node does with one securefed message, whichever process runs it.
+
+Flower starts a new ClientApp process per message. That process either answers here itself, or hands the
+message to the node's long-lived worker (worker.py), which runs this same code but keeps the loaded model and
+tokenized data between messages. Nothing here imports flwr: the Flower types stay in flower.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import secure_sum
+from ..config import JobConfig
+from ..errors import ConfigError, ProtocolError
+from ..protocol import Message, TrainIns, decode, encode
+from ..rundir import RunDir, write_atomic
+from ..secagg.channel import seal, unseal
+from .deployment import AppConfig, check_deployable, node_run_dir
+
+
+@dataclass(frozen=True)
+class Node:
+    """One organisation's node, from its SuperNode's --node-config: which client it is and where its files are."""
+
+    client: int
+    job: str  # the fingerprint of the one job the organisation agreed to train
+    data: Path  # its own partition, in the job's data format
+    dir: Path  # its ledgers, secrets and made keys, one folder per job and client
+    key: Path | None  # its watermark key, if it brings one
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping) -> Node:
+        try:
+            key = str(node_config.get("key", ""))
+            return cls(int(node_config["client"]), str(node_config["job"]), Path(str(node_config["data"])),
+                       Path(str(node_config["dir"])), Path(key) if key else None)
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"the SuperNode's --node-config lacks client, job, data or dir ({exc})") from None
+
+    def agree(self, job: JobConfig) -> None:
+        """Refuse any job but the one this node joined for: the coordinator cannot change the privacy budget, the
+        secure sum or anything else behind the organisation's back."""
+        if job.fingerprint() != self.job:
+            raise ConfigError(f"this node joined for job {self.job[:12]}, not {job.name} ({job.fingerprint()[:12]})")
+
+    def run_dir(self, job: JobConfig) -> RunDir:
+        return node_run_dir(job, self.dir, self.client)
+
+
+class NodeState:
+    """The node's secure-sum state between the messages of one Flower run.
+
+    It travels sealed (AES-256-GCM, under a key that never leaves the node's folder) in the ClientApp's
+    `context.state`, which the SuperNode holds in memory and saves only after the reply has gone. So the digest of
+    the latest sealed state is also written to the node's disk, and fsynced, before any reply leaves. A state that
+    is not the latest (a save that was lost, or an older one put back) is refused, and the node sits out the rest
+    of the run rather than mask twice or reveal a share twice.
+    """
+
+    def __init__(self, run: RunDir, job: JobConfig, client: int, flower_run: int):
+        self.key = run.secret_key("node-state")
+        self.anchor = run.path / "secrets" / f"state-of-run-{flower_run}.sha256"
+        self.binding = {"job": job.job_id, "stage": f"node-state/{flower_run}", "sender": client, "recipient": client}
+
+    def open(self, sealed: bytes | None) -> bytes:
+        latest = self.anchor.read_text(encoding="ascii").strip() if self.anchor.exists() else None
+        found = hashlib.sha256(sealed).hexdigest() if sealed is not None else None
+        if found != latest:
+            raise ProtocolError("this node's secure-aggregation state is not the one it last saved (lost or put "
+                                "back); it sits out the rest of this run")
+        return unseal(self.key, sealed, **self.binding) if sealed is not None else b""
+
+    def seal(self, state: bytes) -> bytes:
+        sealed = seal(self.key, state, **self.binding)
+        write_atomic(self.anchor, hashlib.sha256(sealed).hexdigest().encode() + b"\n")
+        return sealed
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A node's answer to one message: the reply's wire bytes, or why it failed; and the sealed state to keep
+    (None: the state could not be opened, so nothing new is kept)."""
+
+    wire: bytes | None
+    error: str | None
+    state: bytes | None
+    seconds: float
+
+
+def answer(app: AppConfig, node: Node, flower_run: int, wire: bytes, sealed: bytes | None) -> Answer:
+    started = time.perf_counter()
+    state = None
+    try:
+        node.agree(app.job)
+        check_deployable(app.job)
+        request = decode(wire)
+        run = node.run_dir(app.job)
+        keeper = NodeState(run, app.job, node.client, flower_run)
+        sum_client = secure_sum.client(secure_sum.settings(app.job), node.client)
+        sum_client.restore(keeper.open(sealed))
+        try:
+            if isinstance(request, TrainIns):  # a node holds no dev split: it never evaluates (EvaluateIns is CKKS's)
+                reply = _train(app, node, run, sum_client, request)
+            else:
+                reply = sum_client.reply(request)
+        finally:  # what the client did (an upload's round, a revealed share) must hold even if the reply is lost
+            state = keeper.seal(sum_client.state())
+        return Answer(encode(reply), None, state, time.perf_counter() - started)
+    except Exception as exc:  # noqa: BLE001 - the reason travels to the server, which counts the node out
+        return Answer(None, f"{type(exc).__name__}: {exc}", state, time.perf_counter() - started)
+
+
+# The task a node last loaded: the model, its tokenized partition, Opacus's wrapper. A ClientApp process answers
+# one message and ends; the worker keeps this between messages, as the in-process runtime keeps its one task.
+_loaded: dict[tuple, object] = {}
+
+
+def _task(app: AppConfig, node: Node):
+    from .. import job as jobs
+    from ..tasks import task_kind
+
+    stat = node.data.stat()
+    key = (app.job.fingerprint(), tuple(app.labels), str(node.data.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _loaded:
+        _loaded.clear()
+        started = time.perf_counter()
+        _loaded[key] = task = jobs.load_task(app.job, task_kind(app.job).party_splits(app.labels, node.data))
+        print(f"securefed: client {node.client} loaded {app.job.model.name} and {len(task.train)} examples in "
+              f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    return _loaded[key]
+
+
+def _train(app: AppConfig, node: Node, run: RunDir, sum_client, request: TrainIns) -> Message:
+    from .. import job as jobs
+
+    task = _task(app, node)
+    key = jobs.watermark_key(task, run, node.client, node.key) if app.job.watermark else None
+    client = jobs.make_client(task, node.client, task.train, run=run, key=key)
+    client.secure_sum = sum_client
+    return client.handle(request)
