@@ -481,7 +481,7 @@ def flower_run(
         run_id = cli.start(app_dir)
         console.print(f"run {run_id} started; waiting (the server's log: flwr log {run_id})", markup=False,
                       highlight=False)
-        progress = cli.follow(run_id, lambda line: console.print(line, markup=False, highlight=False))
+        progress = cli.follow(run_id, _progress_line)
         try:
             with console.status(f"run {run_id}"):
                 status = cli.wait(run_id, timeout)
@@ -495,6 +495,10 @@ def flower_run(
         if progress is not None:
             progress.terminate()
         cli.close()
+
+
+def _progress_line(line: str) -> None:
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _drain(process, seconds: float = 5.0) -> None:
@@ -526,8 +530,7 @@ def flower_demo(
     try:
         with console.status(f"{config.federation.clients} SuperNodes on 127.0.0.1 running {job} "
                             f"(logs in {out / 'logs'})"):
-            run_dir = deployment.run_job(job.resolve(), timeout,
-                                         on_line=lambda line: console.print(line, markup=False, highlight=False))
+            run_dir = deployment.run_job(job.resolve(), timeout, on_line=_progress_line)
     finally:
         deployment.stop_all()
     console.print(_summary(RunDir(run_dir).records()))
