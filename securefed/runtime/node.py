@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import secure_sum
 from ..config import JobConfig
-from ..errors import ConfigError, ProtocolError
+from ..errors import ConfigError, ProtocolError, SecurefedError
 from ..protocol import Message, TrainIns, decode, encode
 from ..rundir import RunDir, write_atomic
 from ..secagg.channel import seal, unseal
@@ -112,6 +113,8 @@ def answer(app: AppConfig, node: Node, flower_run: int, wire: bytes, sealed: byt
             state = keeper.seal(sum_client.state())
         return Answer(encode(reply), None, state, time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - the reason travels to the server, which counts the node out
+        if not isinstance(exc, SecurefedError):  # a bug, not bad input: its traceback stays in the node's log
+            traceback.print_exc(file=sys.stderr)
         return Answer(None, f"{type(exc).__name__}: {exc}", state, time.perf_counter() - started)
 
 

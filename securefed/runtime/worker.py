@@ -97,10 +97,11 @@ class Worker:
         try:
             app = AppConfig.from_run_config(header["run_config"])
             node = Node.from_node_config(header["node_config"])
-            reply = answer(app, node, int(header["run"]), wire, sealed if header["has_state"] else None)
-            self.served += 1
         except Exception as exc:  # noqa: BLE001 - a request this node cannot read: say why
             reply = Answer(None, f"{type(exc).__name__}: {exc}", None, 0.0)
+        else:  # answer() reports its own failures
+            reply = answer(app, node, int(header["run"]), wire, sealed if header["has_state"] else None)
+            self.served += 1
         _send(connection, {"error": reply.error, "seconds": reply.seconds, "has_state": reply.state is not None},
               reply.wire or b"", reply.state or b"")
 
