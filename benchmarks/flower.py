@@ -2,8 +2,9 @@
 
 Flower here is real: a SuperLink and one SuperNode per client on 127.0.0.1, with TLS and node
 authentication; each message starts a ClientApp process, which hands it to the node's worker (`flower join`
-keeps the model loaded there). Both runs share the job seed, the
-DP secret and the watermark keys, so their final adapters must agree; the JSON says by how much.
+keeps the model loaded there), with its share of the cores. Both runs share the job seed, the
+DP secret and the watermark keys, so their final adapters agree up to the order of float sums, which depends on
+the thread count: `OMP_NUM_THREADS=1` gives both one thread, and the same bits. The JSON says by how much.
 
     python benchmarks/flower.py [JOB.toml] [--rounds 3]      # prints JSON on stdout
 """
@@ -19,10 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.numpy import load_file
 
 from securefed.config import load_job
-from securefed.runtime.deployment import Loopback
+from securefed.runtime.deployment import Loopback, node_threads
 from securefed.runtime.local import execute, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,10 +72,12 @@ def main() -> None:
     local_rounds, flower_rounds = seconds(local.records), seconds(records)
     print(json.dumps({
         "job": str(args.job), "clients": clients, "rounds": args.rounds,
-        "in_process": {"seconds_per_round": local_rounds, "setup_seconds": local.records[0].get("setup", {})
-                       .get("seconds"), "wall_seconds": round(local_wall, 1),
+        "in_process": {"threads": torch.get_num_threads(), "seconds_per_round": local_rounds,
+                       "setup_seconds": local.records[0].get("setup", {}).get("seconds"),
+                       "wall_seconds": round(local_wall, 1),
                        "dev_accuracy": local.records[-1]["dev_accuracy"]},
-        "flower": {"seconds_per_round": flower_rounds, "setup_seconds": records[0].get("setup", {}).get("seconds"),
+        "flower": {"threads_per_node": node_threads(clients), "seconds_per_round": flower_rounds,
+                   "setup_seconds": records[0].get("setup", {}).get("seconds"),
                    "wall_seconds": round(flower_wall, 1), "dev_accuracy": records[-1]["dev_accuracy"],
                    "bytes_per_round": [r["bytes_down"] + r["bytes_up"] for r in records]},
         "flower_over_in_process": round(statistics.mean(flower_rounds) / statistics.mean(local_rounds), 2),

@@ -7,6 +7,7 @@ means a bug in securefed.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,7 +31,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a long path or command stays on one line
+
+
+def say(text: str) -> None:
+    """One plain line to the user: no rich markup, no highlighting."""
+    console.print(text, markup=False, highlight=False)
 EXIT_USER_ERROR = 2
 
 
@@ -79,21 +85,20 @@ def run(
     with console.status("loading data and model"):
         prepared = prepare(config, out=out, resume=resume)
     where = prepared.run_dir.path
-    console.print(f"run directory: {where}", markup=False, highlight=False)
+    say(f"run directory: {where}")
     try:
         with _progress() as progress:
             result = execute(prepared, observer=ProgressObserver(progress))
     except KeyboardInterrupt:
-        console.print(f"interrupted; finished rounds are saved. Continue with: securefed run {job} --resume {where}",
-                      markup=False, highlight=False)
+        say(f"interrupted; finished rounds are saved. Continue with: securefed run {job} --resume {where}")
         raise typer.Exit(130) from None
     console.print(_summary(result.records))
     if result.watermarks:
         owned = sum(v["verdict"] == "owned" for v in result.watermarks)
         keys = "the job's key files" if config.watermark.keys else prepared.run_dir.keys_dir
-        console.print(f"watermarks: {owned} of {len(result.watermarks)} clients' keys verify on the final model "
-                      f"(keys: {keys})", markup=False, highlight=False)
-    console.print(f"done: {where / 'report.md'}", markup=False, highlight=False)
+        say(f"watermarks: {owned} of {len(result.watermarks)} clients' keys verify on the final model "
+            f"(keys: {keys})")
+    say(f"done: {where / 'report.md'}")
 
 
 @app.command()
@@ -222,8 +227,8 @@ def secagg_identities(
     from .secagg.identity import generate
 
     generate(out, clients)
-    console.print(f"wrote {clients} identities to {out}. Give each client its client-<i>.key only; every party gets "
-                  "all client-<i>.pub files. In the job file:", markup=False, highlight=False)
+    say(f"wrote {clients} identities to {out}. Give each client its client-<i>.key only; every party gets "
+        "all client-<i>.pub files. In the job file:")
     print(f'[secagg]\nmode = "secaggplus"\nhardened = true\nidentities = "{out}"')
 
 
@@ -251,9 +256,9 @@ def watermark_keygen(
     key = WatermarkKey.generate(owner, carrier, bits=bits, triggers=triggers)
     path = out / file_name(owner)
     key.save(path)
-    console.print(f"wrote {path}: owner {key.owner!r}, identity {key.fingerprint}, {key.bits} bits in "
-                  f"{carrier.size} scales of {len(carrier.parameters)} layers, {key.triggers} triggers. Keep it "
-                  "secret and apart from the model; name it in the job file:", markup=False, highlight=False)
+    say(f"wrote {path}: owner {key.owner!r}, identity {key.fingerprint}, {key.bits} bits in "
+        f"{carrier.size} scales of {len(carrier.parameters)} layers, {key.triggers} triggers. Keep it "
+        "secret and apart from the model; name it in the job file:")
     print(f'[watermark]\nkeys = ["{path}", ...]  # one per client, in client order')
 
 
@@ -301,7 +306,7 @@ def merge(
 
     with console.status("merging"):
         merge_adapter(model, out)
-    console.print(f"wrote {out}", markup=False, highlight=False)
+    say(f"wrote {out}")
 
 
 @app.command()
@@ -314,7 +319,7 @@ def partition(
     from .data.partition import write_partitions
 
     paths = write_partitions(load_job(job), out)
-    console.print(f"wrote {len(paths)} partitions to {out}", markup=False, highlight=False)
+    say(f"wrote {len(paths)} partitions to {out}")
 
 
 flower_app = typer.Typer(help="Run a job across machines on Flower (SuperLink and SuperNodes, TLS and node "
@@ -343,9 +348,9 @@ def flower_certs(
     from .runtime.deployment import make_certificates
 
     certs = make_certificates(out, nodes, host or ["127.0.0.1", "localhost"])
-    console.print(f"wrote {certs.ca}, the SuperLink's server.pem and server.key, and node-<i>.key/.pub for "
-                  f"{nodes} nodes. Give node i its node-<i>.key; register each node-<i>.pub with "
-                  "`securefed flower register`.", markup=False, highlight=False)
+    say(f"wrote {certs.ca}, the SuperLink's server.pem and server.key, and node-<i>.key/.pub for "
+        f"{nodes} nodes. Give node i its node-<i>.key; register each node-<i>.pub with "
+        "`securefed flower register`.")
 
 
 @flower_app.command("app")
@@ -368,9 +373,9 @@ def flower_app_folder(
     where = run_dir or config.output.dir or Path("runs") / config.name
     written = write_app(config, label_names(config.data), out, where, reply_timeout=reply_timeout,
                        join_timeout=join_timeout)
-    console.print(f"wrote {written} and {out / 'job.toml'} (give it to every organisation: `flower join --job` "
-                  f"pins it); the server will write its run to {where.resolve()}. Start it with "
-                  f"`securefed flower run {out} --superlink HOST:PORT --ca CA`.", markup=False, highlight=False)
+    say(f"wrote {written} and {out / 'job.toml'} (give it to every organisation: `flower join --job` "
+        f"pins it); the server will write its run to {where.resolve()}. Start it with "
+        f"`securefed flower run {out} --superlink HOST:PORT --ca CA`.")
 
 
 @flower_app.command("serve")
@@ -405,7 +410,7 @@ def flower_register(
         raise SecurefedError("give --ca, the CA certificate that signed the SuperLink's")
     cli = FlowerCli(superlink, ca)
     try:
-        console.print(cli.register(public_key), markup=False, highlight=False)
+        say(cli.register(public_key))
     finally:
         cli.close()
 
@@ -430,6 +435,9 @@ def flower_join(
     keep_loaded: Annotated[bool, typer.Option("--worker/--no-worker", help="keep the model and data loaded "
                                               "between messages in this process (default), or load them in "
                                               "each of Flower's ClientApp processes")] = True,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for this node's "
+                                                "training (default: torch's, all cores); with several nodes on "
+                                                "one machine give each cores/nodes")] = None,
 ) -> None:
     """Start a SuperNode for one organisation: its data, ledger and key stay on this machine."""
     from .data.datasets import check_partition
@@ -444,13 +452,17 @@ def flower_join(
     if key is not None and not key.is_file():
         raise SecurefedError(f"{key}: key file not found")
     node_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"client {client} of {agreed.name} ({agreed.fingerprint()[:12]}), {examples} examples",
-                  markup=False, highlight=False)
+    say(f"client {client} of {agreed.name} ({agreed.fingerprint()[:12]}), {examples} examples")
     config = {"client": client, "job": agreed.fingerprint(), "data": str(data.resolve()),
               "dir": str(node_dir.resolve())}
     if key is not None:
         config["key"] = str(key.resolve())
     command = supernode_command(superlink, ca, auth_key, config, port)
+    if threads is not None:  # for the worker here, and each ClientApp process reads it when torch loads
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     if not keep_loaded:
         _exec(command, flower_env())
     from .runtime.worker import serve_beside
@@ -479,26 +491,20 @@ def flower_run(
     cli, progress = FlowerCli(superlink, _tls(ca, insecure)), None
     try:
         run_id = cli.start(app_dir)
-        console.print(f"run {run_id} started; waiting (the server's log: flwr log {run_id})", markup=False,
-                      highlight=False)
-        progress = cli.follow(run_id, _progress_line)
+        say(f"run {run_id} started; waiting (the server's log: flwr log {run_id})")
+        progress = cli.follow(run_id, say)
         try:
             with console.status(f"run {run_id}"):
                 status = cli.wait(run_id, timeout)
             _drain(progress)
         except KeyboardInterrupt:
-            console.print(f"stopped waiting; run {run_id} goes on (`flwr stop {run_id}` stops it)", markup=False,
-                          highlight=False)
+            say(f"stopped waiting; run {run_id} goes on (`flwr stop {run_id}` stops it)")
             raise typer.Exit(130) from None
-        console.print(f"run {run_id}: {status}", markup=False, highlight=False)
+        say(f"run {run_id}: {status}")
     finally:
         if progress is not None:
             progress.terminate()
         cli.close()
-
-
-def _progress_line(line: str) -> None:
-    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _drain(process, seconds: float = 5.0) -> None:
@@ -530,18 +536,16 @@ def flower_demo(
     try:
         with console.status(f"{config.federation.clients} SuperNodes on 127.0.0.1 running {job} "
                             f"(logs in {out / 'logs'})"):
-            run_dir = deployment.run_job(job.resolve(), timeout, on_line=_progress_line)
+            run_dir = deployment.run_job(job.resolve(), timeout, on_line=say)
     finally:
         deployment.stop_all()
     console.print(_summary(RunDir(run_dir).records()))
-    console.print(f"done: {run_dir / 'report.md'}", markup=False, highlight=False)
+    say(f"done: {run_dir / 'report.md'}")
 
 
 def _exec(command: list[str], env: dict[str, str]) -> None:
     """Become the Flower process, so that its signals and exit code are the command's own."""
-    import os
-
-    console.print(" ".join(command), markup=False, highlight=False)
+    say(" ".join(command))
     sys.stderr.flush()
     os.execve(command[0], command, env)
 
@@ -551,7 +555,7 @@ def _supervise(command: list[str], env: dict[str, str]) -> int:
     import signal
     import subprocess
 
-    console.print(" ".join(command), markup=False, highlight=False)
+    say(" ".join(command))
     child = subprocess.Popen(command, env=env)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda number, _frame: child.send_signal(number))

@@ -124,3 +124,31 @@ def test_flower_and_partition_commands_refuse_bad_input_in_one_line(tmp_path, ti
                                 cwd=tmp_path), "not a Flower App")
     assert_user_error(securefed("partition", "nope.toml", "--out", "parts", cwd=tmp_path), "nope.toml", "not found")
     assert not (tmp_path / "parts").exists()
+
+
+def test_flower_join_gives_the_node_and_its_clientapp_processes_their_share_of_the_cores(tmp_path, tiny_model,
+                                                                                        sst2_sample, monkeypatch):
+    import torch
+    from typer.testing import CliRunner
+
+    from securefed import cli
+
+    write_job(tmp_path, tiny_model, *sst2_sample)
+    started, threads = {}, []
+    monkeypatch.setattr(cli, "_supervise", lambda command, env: started.update(command=command, env=env) or 0)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # not for this test process
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    join = ["flower", "join", "--superlink", "127.0.0.1:1", "--insecure", "--job", str(tmp_path / "job.toml"),
+            "--client", "0", "--data", str(sst2_sample[0]), "--dir", str(tmp_path / "node")]
+    result = CliRunner().invoke(cli.app, [*join, "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert threads == [1]  # the worker, in this process
+    assert started["env"]["OMP_NUM_THREADS"] == started["env"]["MKL_NUM_THREADS"] == "1"  # each ClientApp process
+    assert "flower-supernode" in started["command"][0]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("MKL_NUM_THREADS")
+    started.clear()
+    assert CliRunner().invoke(cli.app, join).exit_code == 0
+    assert threads == [1] and "OMP_NUM_THREADS" not in started["env"]  # by default torch picks
+    assert CliRunner().invoke(cli.app, [*join, "--threads", "0"]).exit_code == 2

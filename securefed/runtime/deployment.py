@@ -398,8 +398,9 @@ class Loopback:
             self.registered.add(i)
 
     def join(self, name: str, job: Path, key: int, client: int, data: Path, folder: Path,
-             watermark_key: Path | None = None) -> subprocess.Popen:
+             watermark_key: Path | None = None, threads: int | None = None) -> subprocess.Popen:
         marks = ["--key", str(watermark_key)] if watermark_key else []
+        marks += ["--threads", str(threads)] if threads else []
         return self.start(name, "flower", "join", "--superlink", self.superlink, "--ca", str(self.certs.ca),
                           "--job", str(job),
                           "--auth-key", str(self.certs.node_key(key)), "--client", str(client), "--data", str(data),
@@ -424,6 +425,7 @@ class Loopback:
         if "superlink" not in self.processes:
             self.serve(config.federation.clients)
         nodes = []
+        threads = node_threads(config.federation.clients)
         try:
             for cid in range(config.federation.clients):
                 self.register(cid)
@@ -434,7 +436,7 @@ class Loopback:
                     (secrets / "dp").write_text(dp_secret + "\n", encoding="ascii")
                 data = next((self.root / "parts").glob(f"client-{cid}.*"))
                 nodes.append(f"node-{cid}")
-                self.join(nodes[-1], job, cid, cid, data, folder, (watermark_keys or {}).get(cid))
+                self.join(nodes[-1], job, cid, cid, data, folder, (watermark_keys or {}).get(cid), threads)
             run_dir = self.root / "run"
             self.securefed_cli("flower", "app", str(job), "--out", str(self.root / "app"), "--run-dir", str(run_dir),
                                "--reply-timeout", str(timeout))
@@ -502,6 +504,11 @@ def _progress_lines(stream, on_line: Callable[[str], None]) -> None:
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else "(no output)"
+
+
+def node_threads(nodes: int) -> int:
+    """Each node's share of this machine's cores, when `nodes` nodes train side by side on it."""
+    return max(1, len(os.sched_getaffinity(0)) // nodes)
 
 
 def free_port() -> int:
