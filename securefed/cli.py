@@ -488,33 +488,19 @@ def flower_run(
 
     if not (app_dir / "pyproject.toml").is_file():
         raise SecurefedError(f"{app_dir} is not a Flower App folder (no pyproject.toml)")
-    cli, progress = FlowerCli(superlink, _tls(ca, insecure)), None
+    cli = FlowerCli(superlink, _tls(ca, insecure))
     try:
         run_id = cli.start(app_dir)
         say(f"run {run_id} started; waiting (the server's log: flwr log {run_id})")
-        progress = cli.follow(run_id, say)
         try:
             with console.status(f"run {run_id}"):
-                status = cli.wait(run_id, timeout)
-            _drain(progress)
+                status = cli.watch(run_id, timeout, say)
         except KeyboardInterrupt:
             say(f"stopped waiting; run {run_id} goes on (`flwr stop {run_id}` stops it)")
             raise typer.Exit(130) from None
         say(f"run {run_id}: {status}")
     finally:
-        if progress is not None:
-            progress.terminate()
         cli.close()
-
-
-def _drain(process, seconds: float = 5.0) -> None:
-    """Let the log stream print the run's last lines (it ends by itself once the run is over)."""
-    import subprocess
-
-    try:
-        process.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 @flower_app.command("demo")

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import secure_sum
 from .client import Client, LocalTraining
 from .config import JobConfig
 from .data import EncodedDataset, Splits, partition
@@ -22,12 +21,11 @@ from .models import Evaluation, ModelBundle, build_model
 from .models.saved import load_adapter, save_adapter
 from .privacy.dpsgd import DPSGD, DPSettings, private_module
 from .privacy.ledger import Ledger, ledger_file
-from .protocol import DEFAULT_MAX_BYTES
 from .rundir import RunDir
-from .secagg import ckks, identity
-from .secagg.ckks import CkksSettings
+from .secagg import identity
 from .seeding import stream_seed
 from .server import Schedule, Server
+from .sums import SecureSum, secure_sum
 from .tasks import TaskKind, task_kind
 from .watermark.feature import FeatureWatermark, check_capacity, check_carrier, describe_carrier, scale_values
 from .watermark.keys import SUFFIX, Carrier, WatermarkKey
@@ -48,7 +46,7 @@ class Task:
     train: EncodedDataset
     dev: EncodedDataset
     collator: object  # the task kind's, with batch(dataset, indices)
-    secagg: secure_sum.Settings = None
+    secagg: SecureSum | None = None
     identity_keys: dict[int, Ed25519PrivateKey] = field(default_factory=dict)  # when the job lists identities
     private_module: object | None = None  # Opacus's per-example-gradient wrapper of the model, under DP-SGD
     carrier: Carrier | None = None  # the watermark's normalization scales, when the job has watermarks
@@ -91,19 +89,15 @@ def load_task(config: JobConfig, splits: Splits | None = None) -> Task:
         check_capacity(bits, task.carrier)
     if bundle.carrier:
         task.weighting = Weighting(bundle.carrier_mask)
-    task.secagg = secure_sum.settings(config, task.weighting)
-    if isinstance(task.secagg, CkksSettings):
-        entries = bundle.view.size + 2  # and n_k, and a count
-        if -(-entries // ckks.SLOTS) * 140_000 > DEFAULT_MAX_BYTES:  # ~131 KB per ciphertext chunk
-            raise ConfigError(f"secagg: the model has {bundle.view.size:,} trainable values; its CKKS ciphertexts "
-                              "would exceed the 256 MiB message limit (about 7.6 million values)")
+    task.secagg = secure_sum(config, task.weighting)
+    task.secagg.check_model(bundle.view.size)
     if config.privacy is not None and len(task.train):  # a deployed server trains nothing
         was_training = bundle.model.training
         bundle.model.train()
         probe = task.collator.batch(task.train, np.arange(min(3, len(task.train))))
         task.private_module = private_module(bundle.model, probe, kind.loss)
         bundle.model.train(was_training)
-    if task.secagg is not None and task.secagg.identities:
+    if task.secagg.identities:
         task.identity_keys = {c: identity.load_private(config.secagg.identities, c, public)
                               for c, public in enumerate(task.secagg.identities)}
     return task
@@ -185,7 +179,7 @@ def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer |
                              learning_rate_decay=fed.learning_rate_decay, weight_decay=fed.weight_decay,
                              seed=fed.seed, group_by_length=fed.group_by_length, optimizer=fed.optimizer,
                              momentum=fed.momentum)
-    sum_client = secure_sum.client(task.secagg, cid, task.identity_keys.get(cid))
+    sum_client = task.secagg.client(cid, task.identity_keys.get(cid))
     return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training, sum_client, loss_terms,
                   observer=observer, evaluate=task.evaluate, wrapper=training_wrapper(task, cid, len(data), run),
                   weighting=task.weighting, loss=task.kind.loss)
@@ -193,7 +187,7 @@ def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer |
 
 def make_server(task: Task, grid: Grid, run: RunDir, observer: Observer | None = None) -> Server:
     view = task.bundle.view
-    return Server(schedule(task.config), view.spec.digest, view.size, secure_sum.server(task.secagg), grid, run,
+    return Server(schedule(task.config), view.spec.digest, view.size, task.secagg.server(), grid, run,
                   task.evaluate, observer, task.weighting, metrics=task.kind.metrics)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from .config import JobConfig
 from .rundir import RunDir
+from .sums import sum_kind
 
 EPSILON_PLOT = "epsilon.png"
 _DEV = "dev_"
@@ -72,18 +73,10 @@ def write_report(run: RunDir, job: JobConfig, records: Sequence[dict], watermark
 
 
 def _aggregation(job: JobConfig, records: Sequence[dict]) -> str:
-    if job.secagg.mode == "none":
-        return ('- Aggregation: plaintext FedAvg (`secagg.mode = "none"`, `insecure = true`). **Insecure: the server '
-                "saw every client's update.**")
     setup = next((r["setup"] for r in records if "setup" in r), None)
     cost = (f" Setup: {setup['bytes_up'] / 1024:.1f} KB up, {setup['bytes_down'] / 1024:.1f} KB down, "
             f"{setup['seconds']:.2f} s." if setup else "")
-    if job.secagg.mode == "ckks":
-        return ("- Aggregation: FedAvg under CKKS (TenSEAL, N=8192): the server added ciphertexts and never saw an "
-                "update or the model in clear; a client evaluated each round. The server together with any one "
-                f"client could decrypt.{cost}")
-    return (f"- Aggregation: FedAvg over SecAgg+ ({job.secagg_degree} neighbours per client, threshold "
-            f"{job.secagg_threshold}): the server saw only the sum of the updates, never one update.{cost}")
+    return f"- Aggregation: {sum_kind(job).describe(job, cost)}"
 
 
 def _privacy(job: JobConfig, records: Sequence[dict]) -> str:

@@ -6,6 +6,7 @@ Nothing here imports flwr; the commands are Flower's own (`flower-superlink`, `f
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -30,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ..config import JobConfig, dump_toml, load_job, parse_job
 from ..errors import ConfigError, SecurefedError
 from ..rundir import RunDir
+from ..sums import sum_kind
 
 OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
@@ -94,12 +96,8 @@ def parse_toml_job(text: str) -> JobConfig:
 
 def check_deployable(job: JobConfig) -> None:
     """The job settings that cannot run on Flower yet, refused before anything starts."""
-    if job.secagg.mode == "ckks":
-        raise ConfigError("secagg: CKKS cannot run on Flower yet (its clients keep the secret key in memory, and "
-                          "Flower starts a new process per message); use secaggplus")
-    if getattr(job.secagg, "hardened", False):
-        raise ConfigError("secagg: hardened SecAgg+ cannot run on Flower yet (each node would need its identity "
-                          "key); use the default SecAgg+")
+    if why := sum_kind(job).refuses_flower(job):
+        raise ConfigError(f"secagg: {why}")
     if job.watermark is not None and job.watermark.keys:
         raise ConfigError("watermark.keys: on Flower each organisation brings its own key (flower join --key); "
                           "leave the keys out of the job")
@@ -298,28 +296,40 @@ class FlowerCli:
             raise SecurefedError(f"the SuperLink knows no run {run_id}")
         return str(runs[0].get("status")), str(runs[0].get("status-details", ""))
 
-    def wait(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
+    def watch(self, run_id: int, timeout: float, on_line: Callable[[str], None]) -> str:
+        """Wait for the run to finish, passing each securefed progress line of its ServerApp log to `on_line`;
+        return its status, or raise unless it completed.
+
+        The log stream (`flwr log RUN`) ends by itself with the run, so the status is asked when the stream ends
+        and otherwise every 30 s: every `flwr` command costs about 1.5 CPU-seconds of imports, which polling every
+        few seconds would take from the nodes on a small machine."""
+        stream = subprocess.Popen([flower_command("flwr"), "log", str(run_id), CONNECTION], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+                                  env=flower_env(self.home))
+        reader = threading.Thread(target=_progress_lines, args=(stream.stdout, on_line), daemon=True)
+        reader.start()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status, details = self.status(run_id)
-            if status.startswith("finished"):
-                if status != "finished:completed":
-                    raise SecurefedError(f"run {run_id} {status}: {details}")
-                return status
-            time.sleep(poll)
-        raise SecurefedError(f"run {run_id} did not finish within {timeout:g} s")
+        try:
+            while not (status := self.status(run_id))[0].startswith("finished"):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SecurefedError(f"run {run_id} did not finish within {timeout:g} s")
+                if stream.poll() is None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        stream.wait(timeout=min(30.0, left))
+                else:
+                    time.sleep(min(2.0, left))  # the stream has ended: the status follows shortly
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                stream.wait(timeout=5.0)  # its last lines
+            reader.join(timeout=5.0)
+        finally:
+            stream.terminate()
+        if status[0] != "finished:completed":
+            raise SecurefedError(f"run {run_id} {status[0]}: {status[1]}")
+        return status[0]
 
     def log(self, run_id: int) -> str:
         return self("log", str(run_id), CONNECTION, "--show", timeout=60.0)
-
-    def follow(self, run_id: int, on_line: Callable[[str], None]) -> subprocess.Popen:
-        """Stream the run's ServerApp log (`flwr log`) in the background, passing each securefed progress line
-        to `on_line`; stop it with `terminate()` once the run is over."""
-        process = subprocess.Popen([flower_command("flwr"), "log", str(run_id), CONNECTION], stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
-                                   env=flower_env(self.home))
-        threading.Thread(target=_progress_lines, args=(process.stdout, on_line), daemon=True).start()
-        return process
 
     def close(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)

@@ -23,6 +23,7 @@ from ..interfaces import Exchange, Grid, Observer
 from ..protocol import Message, PlainModel, decode, encode
 from ..report import write_report
 from ..rundir import RunDir
+from ..sums import sum_kind
 
 # Decides, per delivered request, whether that client vanishes instead of answering.
 FaultHook = Callable[[int, Message], bool]
@@ -77,9 +78,8 @@ class PreparedRun:
 
 
 def prepare(config: JobConfig, *, out: Path | None = None, resume: Path | None = None) -> PreparedRun:
-    if resume and config.secagg.mode == "ckks":
-        raise RunDirError(f"cannot resume {resume}: a CKKS run's key lived only in its clients' memory, so its "
-                          "sealed checkpoints cannot be opened again; start the job anew")
+    if resume and (why := sum_kind(config).refuses_resume(config)):
+        raise RunDirError(f"cannot resume {resume}: {why}")
     run_dir = RunDir.resume(resume, config) if resume else None
     task = jobs.load_task(config)  # before creating anything: bad data or a bad model fails with nothing written
     return PreparedRun(config, task, run_dir or RunDir.create(config, out), resuming=resume is not None)

@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import secure_sum
 from ..config import JobConfig
 from ..errors import ConfigError, ProtocolError, SecurefedError
 from ..protocol import Message, TrainIns, decode, encode
 from ..rundir import RunDir, write_atomic
 from ..secagg.channel import seal, unseal
+from ..sums import secure_sum
 from .deployment import AppConfig, check_deployable, node_run_dir
 
 
@@ -102,7 +102,7 @@ def answer(app: AppConfig, node: Node, flower_run: int, wire: bytes, sealed: byt
         request = decode(wire)
         run = node.run_dir(app.job)
         keeper = NodeState(run, app.job, node.client, flower_run)
-        sum_client = secure_sum.client(secure_sum.settings(app.job), node.client)
+        sum_client = secure_sum(app.job).client(node.client)
         sum_client.restore(keeper.open(sealed))
         try:
             if isinstance(request, TrainIns):  # a node holds no dev split: it never evaluates (EvaluateIns is CKKS's)
