@@ -174,12 +174,41 @@ class SecAggPlusConfig(Section):
             raise ValueError("identities are used in hardened mode only: set hardened = true")
         return self
 
+    def degree(self, clients: int) -> int:
+        return self.neighbours or default_degree(clients)
+
+    def quorum(self, clients: int) -> int:
+        return self.threshold or default_threshold(self.degree(clients), self.hardened)
+
+    def check_federation(self, fed: FederationConfig) -> None:
+        _at_least_two(fed)
+        if fed.cohort_size != fed.clients:
+            raise ValueError("secagg: secaggplus needs every client in every round (clients_per_round = "
+                             "clients); sampled cohorts need a graph per cohort, which is not built yet")
+        k, t = self.degree(fed.clients), self.quorum(fed.clients)
+        if k > fed.clients - 1:
+            raise ValueError(f"secagg.neighbours: {k} exceeds the other clients ({fed.clients - 1})")
+        if k < fed.clients - 1 and k % 2:
+            raise ValueError(f"secagg.neighbours: {k} must be even (a ring graph), or {fed.clients - 1} for "
+                             "the complete graph")
+        low = default_threshold(k, self.hardened)
+        if not low <= t <= k + 1:
+            need = "more than 2k/3" if self.hardened else "a majority of the k+1 share holders"
+            raise ValueError(f"secagg.threshold: {t} must be {need} and at most k+1 (k = {k}): "
+                             f"between {low} and {k + 1}")
+
 
 class CkksConfig(Section):
     """TenSEAL CKKS: the server adds ciphertexts and never sees a model in clear; clients evaluate."""
 
     mode: Literal["ckks"]
     identities: FilePath | None = Field(None, description="folder of Ed25519 identities: signed key exchange")
+
+    def check_federation(self, fed: FederationConfig) -> None:
+        _at_least_two(fed)
+        if fed.clients > 1500:
+            raise ValueError("secagg: ckks sends the secret key to every client in one message, which holds at most "
+                             "1,500 clients")
 
 
 class PlainSumConfig(Section):
@@ -194,6 +223,14 @@ class PlainSumConfig(Section):
             raise ValueError('mode = "none" shows every client\'s update to the server: '
                              "set insecure = true to confirm")
         return self
+
+    def check_federation(self, fed: FederationConfig) -> None:
+        pass
+
+
+def _at_least_two(fed: FederationConfig) -> None:
+    if fed.clients < 2:
+        raise ValueError("secagg: secure aggregation needs at least 2 clients")
 
 
 SecAggConfig = Annotated[SecAggPlusConfig | CkksConfig | PlainSumConfig, Field(discriminator="mode")]
@@ -272,35 +309,16 @@ class JobConfig(Section):
                 and len(self.watermark.keys) != fed.clients:
             raise ValueError(f"watermark.keys: {len(self.watermark.keys)} key files for {fed.clients} clients; "
                              "name one per client")
-        if self.secagg.mode != "none" and fed.clients < 2:
-            raise ValueError("secagg: secure aggregation needs at least 2 clients")
-        if self.secagg.mode == "ckks" and fed.clients > 1500:
-            raise ValueError("secagg: ckks sends the secret key to every client in one message, which holds at most "
-                             "1,500 clients")
-        if isinstance(self.secagg, SecAggPlusConfig):
-            if fed.cohort_size != fed.clients:
-                raise ValueError("secagg: secaggplus needs every client in every round (clients_per_round = "
-                                 "clients); sampled cohorts need a graph per cohort, which is not built yet")
-            k, t = self.secagg_degree, self.secagg_threshold
-            if k > fed.clients - 1:
-                raise ValueError(f"secagg.neighbours: {k} exceeds the other clients ({fed.clients - 1})")
-            if k < fed.clients - 1 and k % 2:
-                raise ValueError(f"secagg.neighbours: {k} must be even (a ring graph), or {fed.clients - 1} for "
-                                 "the complete graph")
-            low = default_threshold(k, self.secagg.hardened)
-            if not low <= t <= k + 1:
-                need = "more than 2k/3" if self.secagg.hardened else "a majority of the k+1 share holders"
-                raise ValueError(f"secagg.threshold: {t} must be {need} and at most k+1 (k = {k}): "
-                                 f"between {low} and {k + 1}")
+        self.secagg.check_federation(fed)
         return self
 
     @property
     def secagg_degree(self) -> int:
-        return self.secagg.neighbours or default_degree(self.federation.clients)
+        return self.secagg.degree(self.federation.clients)
 
     @property
     def secagg_threshold(self) -> int:
-        return self.secagg.threshold or default_threshold(self.secagg_degree, self.secagg.hardened)
+        return self.secagg.quorum(self.federation.clients)
 
     def to_toml(self) -> str:
         """The resolved job: every default filled in, every path absolute."""
