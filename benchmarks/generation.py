@@ -11,8 +11,9 @@ Every run uses the same prompts, decoding (greedy, task.max_new_tokens) and test
     python benchmarks/generation.py [--job examples/dolly-smollm2.toml] [--private examples/dolly-smollm2-private.toml]
                                     [--only base,federated,...] [--out bench-generation]
 
-JSON goes to stdout. Each finished run is kept in OUT/results.json, and a second invocation with the same OUT
-reuses those instead of training again (runs take minutes to an hour each on 2 cores).
+JSON goes to stdout. Each finished run is kept in OUT/results.json with its job's fingerprint, and a second
+invocation with the same OUT reuses those whose job has not changed instead of training again (runs take
+minutes to an hour each on 2 cores).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -93,12 +95,13 @@ def trained_row(job: JobConfig, out: Path) -> dict:
     return row
 
 
-def plans(job: JobConfig, private: JobConfig) -> dict:
-    todo = {"base": lambda out: base_row(job), "federated": lambda out: trained_row(job, out),
-            "private": lambda out: trained_row(private, out)}
+def plans(job: JobConfig, private: JobConfig) -> dict[str, tuple[JobConfig, Callable[[JobConfig, Path], dict]]]:
+    """Each run: the job it trains (its fingerprint decides whether a kept result still holds) and how."""
+    todo = {"base": (job, lambda config, out: base_row(config)), "federated": (job, trained_row),
+            "private": (private, trained_row)}
     for shard in range(job.federation.clients):
-        todo[f"local-{shard}"] = lambda out, s=shard: trained_row(local_job(job, s), out)
-    todo["centralized"] = lambda out: trained_row(centralized_job(job), out)
+        todo[f"local-{shard}"] = (local_job(job, shard), trained_row)
+    todo["centralized"] = (centralized_job(job), trained_row)
     return todo
 
 
@@ -125,7 +128,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-generation"))
     args = parser.parse_args()
     job, private = load_job(args.job), load_job(args.private)
-    todo = plans(job, private)
+    everything = todo = plans(job, private)
     if args.only:
         wanted = args.only.split(",")
         todo = {name: f for name, f in todo.items() if name in wanted or name.split("-")[0] in wanted}
@@ -133,15 +136,21 @@ def main() -> int:
     kept = args.out / "results.json"
     rows = json.loads(kept.read_text()) if kept.exists() else {}
     torch.manual_seed(0)
-    for name, measure in todo.items():
-        if name in rows:
+    for name, (config, measure) in todo.items():
+        if rows.get(name, {}).get("job") == config.fingerprint():
             print(f"{name}: kept from {kept}", file=sys.stderr)
             continue
-        shutil.rmtree(args.out / name, ignore_errors=True)  # an interrupted run of this benchmark
-        rows[name] = measure(args.out / name)
+        if name in rows:
+            print(f"{name}: the kept result is of another job (or of no recorded job); training again",
+                  file=sys.stderr)
+        shutil.rmtree(args.out / name, ignore_errors=True)  # an interrupted run of this benchmark, or another job's
+        rows[name] = {**measure(config, args.out / name), "job": config.fingerprint()}
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
         kept.write_text(json.dumps(rows, indent=2))
-    print(json.dumps({"job": str(args.job), "private": str(args.private), "runs": rows, **summary(rows)}, indent=2))
+    current = {name: row for name, row in rows.items()  # a kept row of a job since changed is left out
+               if name in everything and row.get("job") == everything[name][0].fingerprint()}
+    print(json.dumps({"job": str(args.job), "private": str(args.private), "runs": current, **summary(current)},
+                     indent=2))
     return 0
 
 

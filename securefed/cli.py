@@ -37,6 +37,8 @@ console = Console(stderr=True, soft_wrap=True)  # a long path or command stays o
 def say(text: str) -> None:
     """One plain line to the user: no rich markup, no highlighting."""
     console.print(text, markup=False, highlight=False)
+
+
 EXIT_USER_ERROR = 2
 
 
@@ -458,13 +460,14 @@ def flower_join(
     if key is not None:
         config["key"] = str(key.resolve())
     command = supernode_command(superlink, ca, auth_key, config, port)
-    if threads is not None:  # for the worker here, and each ClientApp process reads it when torch loads
-        import torch
-
-        torch.set_num_threads(threads)
+    if threads is not None:  # each ClientApp process reads it when torch loads
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     if not keep_loaded:
         _exec(command, flower_env())
+    if threads is not None:  # torch may be loaded here already
+        import torch
+
+        torch.set_num_threads(threads)
     from .runtime.worker import serve_beside
 
     worker = serve_beside(node_dir.resolve())

@@ -137,8 +137,9 @@ def test_flower_join_gives_the_node_and_its_clientapp_processes_their_share_of_t
     started, threads = {}, []
     monkeypatch.setattr(cli, "_supervise", lambda command, env: started.update(command=command, env=env) or 0)
     monkeypatch.setattr(torch, "set_num_threads", threads.append)  # not for this test process
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # set first, so that teardown restores what was there
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
     join = ["flower", "join", "--superlink", "127.0.0.1:1", "--insecure", "--job", str(tmp_path / "job.toml"),
             "--client", "0", "--data", str(sst2_sample[0]), "--dir", str(tmp_path / "node")]
     result = CliRunner().invoke(cli.app, [*join, "--threads", "1"])

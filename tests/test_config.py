@@ -168,3 +168,14 @@ def test_settings_added_later_leave_older_jobs_fingerprints_alone():
     generation = load_job(examples / "dolly-smollm2.toml")
     assert generation.fingerprint() != generation.model_copy(
         update={"task": generation.task.model_copy(update={"max_new_tokens": 65})}).fingerprint()
+
+
+def test_every_secagg_mode_has_one_secure_sum():
+    from typing import get_args
+
+    from securefed.config import SecAggConfig
+    from securefed.sums import SECURE_SUMS
+
+    union = get_args(SecAggConfig)[0]
+    modes = {get_args(section.model_fields["mode"].annotation)[0] for section in get_args(union)}
+    assert modes == set(SECURE_SUMS)

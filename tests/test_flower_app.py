@@ -404,3 +404,57 @@ def _digest(job):
     from securefed.job import load_task
 
     return load_task(load_job(job)).bundle.view.spec.digest
+
+
+STAND_IN_FLWR = '''#!{python}
+"""Plays `flwr` for FlowerCli.watch: `log` prints the run's lines (or fails at once), `ls` answers from a
+script of statuses, one per call."""
+import json, sys
+from pathlib import Path
+here = Path(__file__).parent
+if sys.argv[1] == "log":
+    if (here / "log-fails").exists():
+        sys.exit(1)
+    print("INFO: starting")
+    print("INFO: securefed: 3 of 3 clients joined", flush=True)
+    print("INFO: securefed: round 1/1: 3 clients training", flush=True)
+elif sys.argv[1] == "ls":
+    statuses = json.loads((here / "statuses").read_text())
+    status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
+    (here / "statuses").write_text(json.dumps(statuses))
+    (here / "asked").open("a").write("ls\\n")
+    print(json.dumps({{"runs": [{{"status": status, "status-details": "the ServerApp raised"}}]}}))
+'''
+
+
+@pytest.mark.parametrize("log_fails", [False, True])
+def test_watching_a_run_passes_its_progress_on_and_says_how_it_ended(tmp_path, monkeypatch, log_fails):
+    import sys
+
+    from securefed.errors import SecurefedError
+    from securefed.runtime import deployment
+
+    flwr = tmp_path / "flwr"
+    flwr.write_text(STAND_IN_FLWR.format(python=sys.executable))
+    flwr.chmod(0o755)
+    if log_fails:
+        (tmp_path / "log-fails").touch()
+    monkeypatch.setattr(deployment, "flower_command", lambda name: str(flwr))
+    cli = deployment.FlowerCli("127.0.0.1:1", None)
+    try:
+        (tmp_path / "statuses").write_text('["running", "running", "finished:completed"]')
+        lines: list[str] = []
+        assert cli.watch(7, 120.0, lines.append) == "finished:completed"
+        if log_fails:  # no progress, but the status is still asked until the run ends
+            assert lines == []
+        else:
+            assert lines == ["3 of 3 clients joined", "round 1/1: 3 clients training"]
+        assert (tmp_path / "asked").read_text().count("ls") == 3
+        (tmp_path / "statuses").write_text('["finished:failed"]')
+        with pytest.raises(SecurefedError, match="run 7 finished:failed: the ServerApp raised"):
+            cli.watch(7, 120.0, lines.append)
+        (tmp_path / "statuses").write_text('["running"]')
+        with pytest.raises(SecurefedError, match="did not finish within 3 s"):
+            cli.watch(7, 3.0, lines.append)
+    finally:
+        cli.close()

@@ -308,7 +308,7 @@ class FlowerCli:
                                   env=flower_env(self.home))
         reader = threading.Thread(target=_progress_lines, args=(stream.stdout, on_line), daemon=True)
         reader.start()
-        deadline = time.monotonic() + timeout
+        deadline, ended = time.monotonic() + timeout, None
         try:
             while not (status := self.status(run_id))[0].startswith("finished"):
                 left = deadline - time.monotonic()
@@ -317,13 +317,21 @@ class FlowerCli:
                 if stream.poll() is None:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         stream.wait(timeout=min(30.0, left))
-                else:
-                    time.sleep(min(2.0, left))  # the stream has ended: the status follows shortly
+                    continue
+                ended = ended or time.monotonic()  # the status follows the stream's end shortly, unless it failed
+                time.sleep(min(2.0 if time.monotonic() - ended < 60 else 30.0, left))
             with contextlib.suppress(subprocess.TimeoutExpired):
                 stream.wait(timeout=5.0)  # its last lines
-            reader.join(timeout=5.0)
         finally:
             stream.terminate()
+            try:
+                stream.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                stream.kill()
+                stream.wait()
+            reader.join(timeout=5.0)
+            if not reader.is_alive():
+                stream.stdout.close()
         if status[0] != "finished:completed":
             raise SecurefedError(f"run {run_id} {status[0]}: {status[1]}")
         return status[0]
@@ -518,7 +526,8 @@ def _last_line(text: str) -> str:
 
 def node_threads(nodes: int) -> int:
     """Each node's share of this machine's cores, when `nodes` nodes train side by side on it."""
-    return max(1, len(os.sched_getaffinity(0)) // nodes)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // nodes)
 
 
 def free_port() -> int:

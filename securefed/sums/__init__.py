@@ -1,4 +1,5 @@
-"""Secure sums, by the name a job's [secagg] mode gives: a new one is a new module and one line here."""
+"""Secure sums, by the name a job's [secagg] mode gives: a new one is a new module, one line here, and its
+section's schema in config.py (one member of SecAggConfig)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ from ..weighting import BY_EXAMPLES, Weighting
 class SecureSum(ABC):
     """One job's secure sum. A subclass is one `[secagg] mode`, registered in sums/__init__.py."""
 
-
     def __init__(self, config: JobConfig, weighting: Weighting = BY_EXAMPLES):
         self.config = config
         self.weighting = weighting
