@@ -1,17 +1,18 @@
 """Seconds per round on Flower against the in-process runtime, for the same job, in one run.
 
 Flower here is real: a SuperLink and one SuperNode per client on 127.0.0.1, with TLS and node
-authentication; each message starts a ClientApp process, which hands it to the node's worker (`flower join`
-keeps the model loaded there), with its share of the cores. Both runs share the job seed, the
+authentication; each node's `flower join` answers its messages in its own process (the executor, which keeps
+the model loaded), with its share of the cores. Both runs share the job seed, the
 DP secret and the watermark keys, so their final adapters agree up to the order of float sums, which depends on
 the thread count: `OMP_NUM_THREADS=1` gives both one thread, and the same bits. The JSON says by how much.
 
-    python benchmarks/flower.py [JOB.toml] [--rounds 3]      # prints JSON on stdout
+    python benchmarks/flower.py [JOB.toml] [--rounds 3] [--keep DIR]     # prints JSON on stdout
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -39,11 +40,16 @@ def main() -> None:
     parser.add_argument("job", nargs="?", default=ROOT / "examples" / "sst2-lora-private.toml", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=7200.0)
+    parser.add_argument("--keep", type=Path, help="work in this new folder and keep it (the nodes' logs are in "
+                        "KEEP/flower/logs) instead of a temporary one")
     args = parser.parse_args()
     config = load_job(args.job)
     config = config.model_copy(update={"federation": config.federation.model_copy(update={"rounds": args.rounds})})
     clients = config.federation.clients
-    with tempfile.TemporaryDirectory(prefix="securefed-flower-bench-") as tmp:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True)  # a new folder: never mix two runs' logs
+    with (contextlib.nullcontext(str(args.keep)) if args.keep else
+          tempfile.TemporaryDirectory(prefix="securefed-flower-bench-")) as tmp:
         root = Path(tmp)
         job = root / "job.toml"
         job.write_text(config.to_toml(), encoding="utf-8")

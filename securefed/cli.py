@@ -434,9 +434,9 @@ def flower_join(
     port: Annotated[int, typer.Option("--port", help="the SuperNode's local port (one per node on a "
                                       "machine)")] = 9094,
     insecure: InsecureOption = False,
-    keep_loaded: Annotated[bool, typer.Option("--worker/--no-worker", help="keep the model and data loaded "
-                                              "between messages in this process (default), or load them in "
-                                              "each of Flower's ClientApp processes")] = True,
+    keep_loaded: Annotated[bool, typer.Option("--worker/--no-worker", help="answer every message in this "
+                                              "process, the model and data loaded once (default), or let Flower "
+                                              "start a ClientApp process per message")] = True,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for this node's "
                                                 "training (default: torch's, all cores); with several nodes on "
                                                 "one machine give each cores/nodes")] = None,
@@ -459,22 +459,26 @@ def flower_join(
               "dir": str(node_dir.resolve())}
     if key is not None:
         config["key"] = str(key.resolve())
-    command = supernode_command(superlink, ca, auth_key, config, port)
     if threads is not None:  # each ClientApp process reads it when torch loads
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     if not keep_loaded:
-        _exec(command, flower_env())
+        _exec(supernode_command(superlink, ca, auth_key, config, port), flower_env())
     if threads is not None:  # torch may be loaded here already
         import torch
 
         torch.set_num_threads(threads)
-    from .runtime.worker import serve_beside
+    from .runtime.executor import Executor, make_secret, prepare_training
+    from .runtime.flower import client_app
 
-    worker = serve_beside(node_dir.resolve())
+    secret = make_secret(node_dir)
+    executor = Executor(f"127.0.0.1:{port}", secret, client_app)
+    executor.start()
+    prepare_training()
     try:
-        code = _supervise(command, flower_env())
+        code = _supervise(supernode_command(superlink, ca, auth_key, config, port, secret), flower_env())
     finally:
-        worker.close()
+        executor.stop()
+        secret.unlink(missing_ok=True)
     raise typer.Exit(code)
 
 
@@ -573,12 +577,30 @@ def _num(value: float | None) -> str:
 
 
 def main() -> None:
+    import click
+
     try:
-        app()
-    except SecurefedError as exc:
-        message = " ".join(str(exc).split())
-        print(f"securefed: error: {message}", file=sys.stderr)
+        code = app(prog_name="securefed", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help, as a usage error
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
         sys.exit(EXIT_USER_ERROR)
+    except click.UsageError as exc:  # a bad option or argument: one line, not click's box
+        path = exc.ctx.command_path if exc.ctx else "securefed"
+        command = path.partition(" ")[2]
+        _fail(f"{command + ': ' if command else ''}{exc.format_message()} (see {path} --help)")
+    except click.ClickException as exc:
+        _fail(exc.format_message())
+    except click.Abort:
+        print("securefed: aborted", file=sys.stderr)
+        sys.exit(130)
+    except SecurefedError as exc:
+        _fail(str(exc))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> None:
+    print(f"securefed: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

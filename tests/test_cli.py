@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,15 @@ def test_default_run_directories_never_collide(tmp_path, tiny_model, sst2_sample
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["tiny", "tiny-2"]
 
 
+@pytest.mark.parametrize(("args", "needle"), [(["run"], "Missing argument 'JOB'"),
+                                               (["run", "job.toml", "--nope"], "No such option '--nope'"),
+                                               (["flower", "join", "--threads", "0"], "'--threads': 0")])
+def test_a_usage_error_is_one_line_naming_the_command(tmp_path, args, needle):
+    command = " ".join(args[:2 if args[0] == "flower" else 1])
+    result = securefed(*args, cwd=tmp_path)
+    assert_user_error(result, f"error: {command}: ", needle, f"(see securefed {command} --help)")
+
+
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"]])
 def test_help(tmp_path, args):
     result = securefed(*args, cwd=tmp_path)
@@ -132,10 +142,18 @@ def test_flower_join_gives_the_node_and_its_clientapp_processes_their_share_of_t
     from typer.testing import CliRunner
 
     from securefed import cli
+    from securefed.runtime import node
 
     write_job(tmp_path, tiny_model, *sst2_sample)
     started, threads = {}, []
-    monkeypatch.setattr(cli, "_supervise", lambda command, env: started.update(command=command, env=env) or 0)
+
+    def supervise(command, env):
+        secret = Path(command[command.index("--superexec-auth-secret-file") + 1])
+        started.update(command=command, env=env, secret=secret, mode=secret.stat().st_mode & 0o777)
+        return 0
+
+    monkeypatch.setattr(cli, "_supervise", supervise)
+    monkeypatch.setattr(node, "_long_lived", threading.Event())  # the executor marks its process long-lived
     monkeypatch.setattr(torch, "set_num_threads", threads.append)  # not for this test process
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # set first, so that teardown restores what was there
         monkeypatch.setenv(name, "x")
@@ -144,9 +162,12 @@ def test_flower_join_gives_the_node_and_its_clientapp_processes_their_share_of_t
             "--client", "0", "--data", str(sst2_sample[0]), "--dir", str(tmp_path / "node")]
     result = CliRunner().invoke(cli.app, [*join, "--threads", "1"])
     assert result.exit_code == 0, result.output
-    assert threads == [1]  # the worker, in this process
+    assert threads == [1]  # the executor, in this process
     assert started["env"]["OMP_NUM_THREADS"] == started["env"]["MKL_NUM_THREADS"] == "1"  # each ClientApp process
     assert "flower-supernode" in started["command"][0]
+    # the SuperNode leaves its tasks to this process's executor, which alone holds the secret, and only while it runs
+    assert started["command"][started["command"].index("--isolation") + 1] == "process"
+    assert started["mode"] == 0o600 and not started["secret"].exists()
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.delenv("MKL_NUM_THREADS")
     started.clear()

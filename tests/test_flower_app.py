@@ -8,6 +8,7 @@ TLS and node authentication are the slow tier's (test_flower_deployment.py).
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,6 @@ from securefed.runtime import flower  # noqa: E402
 from securefed.runtime.deployment import AppConfig, check_deployable, make_certificates  # noqa: E402
 from securefed.runtime.local import execute, prepare  # noqa: E402
 from securefed.runtime.node import Node, NodeState  # noqa: E402
-from securefed.runtime.worker import forward, serve_beside  # noqa: E402
 
 SECRET = "0123456789abcdef"
 
@@ -115,7 +115,6 @@ def deployed(tmp_path, tiny_model, sst2_sample):
                                       privacy={"epsilon": 8.0, "max_grad_norm": 1.0}))
 
 
-@pytest.mark.slow  # the worker test below checks the same parity in the default tier
 def test_the_flower_app_trains_exactly_as_the_in_process_runtime(deployed, tmp_path):
     job, app, contexts = deployed
     run = flower.run_job(LoopbackGrid(contexts), app, Notes())
@@ -136,6 +135,38 @@ def test_the_flower_app_trains_exactly_as_the_in_process_runtime(deployed, tmp_p
         plain = NodeState(Node.from_node_config(context.node_config).run_dir(load_job(job)), load_job(job), cid,
                           context.run_id).open(sealed)
         assert decode(plain).uploaded == (1, 2) and decode(plain).answered == (1, 2)
+
+
+def test_a_long_lived_node_loads_its_model_when_asked_which_client_it_is(deployed, monkeypatch):
+    """Under `flower join`'s executor the model loads during the secure sum's setup, not in round 1; a process that
+    answers one message (Flower's own isolation) loads nothing then; a load that fails waits for training to say so."""
+    import threading
+
+    from securefed.runtime import node as node_module
+
+    _, app, contexts = deployed
+    monkeypatch.setattr(node_module, "_loaded", {})
+    hello = Message(RecordDict(), dst_node_id=1000, message_type=f"query.{flower.HELLO}")
+    hello.metadata.__dict__["_message_id"] = hello.object_id
+
+    def hello_and_wait(context):
+        flower.hello(hello, context)
+        for thread in threading.enumerate():
+            if thread.name == "securefed-warm":
+                thread.join()
+
+    hello_and_wait(contexts[1000])
+    assert node_module._loaded == {}  # not long-lived: nothing loaded
+    monkeypatch.setattr(node_module, "_long_lived", threading.Event())
+    node_module.keep_loaded()
+    hello_and_wait(contexts[1000])
+    [(key, task)] = node_module._loaded.items()
+    assert key[2] == str(Path(contexts[1000].node_config["data"]).resolve()) and len(task.train) > 0
+    broken = Context(run_id=1, node_id=1001, state=RecordDict(), run_config=contexts[1001].run_config,
+                     node_config={**contexts[1001].node_config, "data": "/nonexistent/part.tsv"})
+    hello_and_wait(broken)  # answered: the failed load is not the hello's concern
+    with pytest.raises(DataError):
+        node_module._task(app, Node.from_node_config(broken.node_config))
 
 
 def test_a_node_that_stops_answering_mid_job_is_a_dropout(deployed):
@@ -349,55 +380,6 @@ def test_a_generation_job_on_flower_trains_exactly_as_in_process(tmp_path, instr
     np.testing.assert_allclose(model.weights, reference.weights, rtol=0, atol=1e-6)
     assert [r["contributors"] for r in run.records()] == [3, 3]
     assert all(r["dev_rouge_l"] is not None for r in run.records())
-
-
-def test_each_nodes_worker_answers_exactly_as_its_clientapp_would(deployed, tmp_path):
-    """With a worker beside each node (as `flower join` runs one), the ClientApp hands it every message, and the job
-    ends as in-process. A worker that goes mid-job (killed: its address file left behind) leaves its ClientApp to
-    answer the rest itself."""
-    job, app, contexts = deployed
-    workers = dict(zip(contexts, (serve_beside(Node.from_node_config(c.node_config).dir) for c in contexts.values())))
-    sent = dict.fromkeys(contexts, 0)
-
-    def count_and_kill(node, request):
-        sent[node] += 1
-        if node == 1002 and isinstance(request, TrainIns) and request.round == 2:
-            workers[node].listener.close()  # gone without tidying up, as after kill -9
-
-    try:
-        run = flower.run_job(LoopbackGrid(contexts, count_and_kill), app, Notes())
-    finally:
-        for w in workers.values():
-            w.close()
-    assert [workers[n].served for n in (1000, 1001)] == [sent[1000], sent[1001]] and sent[1000] >= 6
-    assert 0 < workers[1002].served < sent[1002]
-    assert [r["contributors"] for r in run.records()] == [3, 3]
-    _, reference = in_process(job, tmp_path / "local")
-    _, model = run.last_checkpoint(reference.weights.size, _digest(job))
-    np.testing.assert_allclose(model.weights, reference.weights, rtol=0, atol=1e-6)
-    assert all(not w.address.exists() and not w.folder.exists() for w in workers.values())
-
-
-def test_a_worker_survives_a_broken_request_and_says_why_it_refuses_one(deployed):
-    import socket
-    import struct
-
-    _, app, contexts = deployed
-    node_config = contexts[1000].node_config
-    worker = serve_beside(Node.from_node_config(node_config).dir)
-    try:
-        with socket.socket(socket.AF_UNIX) as sock:  # a frame cut short
-            sock.connect(str(worker.path))
-            sock.sendall(struct.pack(">I", 100) + b"{")
-        with socket.socket(socket.AF_UNIX) as sock:  # a header claiming gigabytes
-            sock.connect(str(worker.path))
-            sock.sendall(struct.pack(">I", 1 << 30))
-        refused = forward(worker.address.parent, {"job": "nonsense"}, node_config, 1, b"SFD", None)
-        assert refused.wire is None and "not a securefed app's" in refused.error
-        garbage = forward(worker.address.parent, app.run_config(), node_config, 1, b"SFD junk", None)
-        assert garbage.wire is None and garbage.error.startswith("ProtocolError")
-    finally:
-        worker.close()
 
 
 def _digest(job):

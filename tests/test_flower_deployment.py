@@ -1,5 +1,5 @@
 """The job across real Flower processes on 127.0.0.1: a SuperLink and three SuperNodes, TLS and node
-authentication, SecAgg+ and DP. Slow tier: every message starts a Flower ClientApp process."""
+authentication, SecAgg+ and DP, each node's messages answered by its `flower join` executor. Slow tier."""
 
 from __future__ import annotations
 
@@ -68,6 +68,11 @@ def test_a_flower_deployment_gives_the_in_process_result(federation, tmp_path):
     for cid in range(CLIENTS):  # each organisation's ledger is on its own node
         ledgers = list((federation.root / "nodes" / f"client-{cid}").glob("*/ledger/client-*.jsonl"))
         assert [p.name for p in ledgers] == [f"client-{cid}.jsonl"]
+        # every message answered in the node's own process, the model loaded once; Flower started no ClientApp
+        log = federation.log(f"node-{cid}")
+        assert log.count("securefed: answered") >= 1 + 2 * 2 and log.count(" loaded ") == 1, log[-3000:]
+        assert "flwr-clientapp" not in log and not (federation.root / "nodes" / f"client-{cid}" /
+                                                    "superexec.secret").exists()
 
 
 def test_a_node_killed_mid_round_is_a_dropout_and_the_job_finishes(federation, tmp_path):

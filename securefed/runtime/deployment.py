@@ -242,10 +242,15 @@ def superlink_command(certs: Certificates | None, host: str, port: int, database
 
 
 def supernode_command(superlink: str, ca: Path | None, auth_key: Path | None, node_config: dict, port: int,
-                      host: str = "127.0.0.1") -> list[str]:
-    """`ca` None: plain HTTP (no TLS, and so no node authentication)."""
-    command = [flower_command("flower-supernode"), "--superlink", superlink, "--host", host, "--port", str(port),
+                      executor_secret: Path | None = None) -> list[str]:
+    """`ca` None: plain HTTP (no TLS, and so no node authentication). `port` is the node's Runtime API, on
+    127.0.0.1. With `executor_secret` the SuperNode starts no ClientApp process: an outside executor holding the
+    secret takes its tasks (executor.py)."""
+    command = [flower_command("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1",
+               "--port", str(port),
                "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())]
+    if executor_secret is not None:
+        command += ["--isolation", "process", "--superexec-auth-secret-file", str(executor_secret)]
     if ca is None:
         return [*command, "--insecure"]
     for path in (ca, auth_key):

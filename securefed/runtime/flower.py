@@ -1,9 +1,9 @@
 """The Flower runtime: a ServerApp and a ClientApp on Flower's Message API that carry securefed's own messages.
 
 Every protocol message crosses as its codec bytes in a ConfigRecord; Flower's strategies and its
-SecAgg+ are not used. The server runs our `Server` over a `FlowerGrid`. Flower starts a ClientApp process
-per message; it hands the message to the node's long-lived worker when one runs (worker.py, which keeps
-the model loaded) and answers itself otherwise (node.py: the same code). The node's secure-sum state is
+SecAgg+ are not used. The server runs our `Server` over a `FlowerGrid`. The ClientApp runs in the node's
+long-lived executor (executor.py, which keeps the model loaded), or in a process Flower starts per message
+under `flower join --no-worker`; either way it answers with node.py. The node's secure-sum state is
 sealed into its `context.state` between messages; its data, ledger and key stay on its own disk.
 """
 
@@ -23,9 +23,8 @@ from ..interfaces import Exchange, Grid, Observer
 from ..protocol import Message, PlainModel, encode
 from ..report import headline_score
 from ..rundir import RunDir
-from . import worker
 from .deployment import AppConfig, check_deployable
-from .node import Node
+from .node import Node, warm
 from .node import answer as node_answer
 
 RECORD = "securefed"
@@ -183,20 +182,20 @@ client_app = ClientApp()
 @client_app.query(HELLO)
 def hello(msg: FlowerMessage, context: Context) -> FlowerMessage:
     node = Node.from_node_config(context.node_config)
-    node.agree(AppConfig.from_run_config(context.run_config).job)
+    app = AppConfig.from_run_config(context.run_config)
+    node.agree(app.job)
+    warm(app, node)
     return FlowerMessage(RecordDict({RECORD: ConfigRecord({"client": node.client})}), reply_to=msg)
 
 
 @client_app.query(QUERY)
 def answer(msg: FlowerMessage, context: Context) -> FlowerMessage:
-    """Hand the message to the node's worker if one runs, else answer here; keep the sealed state either way."""
+    """Answer one securefed message, keeping the node's sealed state in the context."""
     saved = context.state.get(RECORD)
     sealed = saved.get(STATE_KEY) if saved is not None else None
-    wire = msg.content[RECORD]["wire"]
     node = Node.from_node_config(context.node_config)
-    reply = worker.forward(node.dir, context.run_config, context.node_config, context.run_id, wire, sealed)
-    if reply is None:
-        reply = node_answer(AppConfig.from_run_config(context.run_config), node, context.run_id, wire, sealed)
+    reply = node_answer(AppConfig.from_run_config(context.run_config), node, context.run_id,
+                        msg.content[RECORD]["wire"], sealed)
     if reply.state is not None:
         context.state[RECORD] = ConfigRecord({STATE_KEY: reply.state})
     if reply.error is not None:

@@ -1,14 +1,15 @@
 """What one organisation's node does with one securefed message, whichever process runs it.
 
-Flower starts a new ClientApp process per message. That process either answers here itself, or hands the
-message to the node's long-lived worker (worker.py), which runs this same code but keeps the loaded model and
-tokenized data between messages. Nothing here imports flwr: the Flower types stay in flower.py.
+The node's executor (executor.py) runs every message in one long-lived process and so keeps the loaded model
+and tokenized data between messages; a ClientApp process Flower starts per message (`--no-worker`) loads them
+each time. Nothing here imports flwr: the Flower types stay in flower.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import JobConfig
-from ..errors import ConfigError, ProtocolError, SecurefedError
+from ..errors import ConfigError, DataError, ProtocolError, SecurefedError
 from ..protocol import Message, TrainIns, decode, encode
 from ..rundir import RunDir, write_atomic
 from ..secagg.channel import seal, unseal
@@ -118,16 +119,43 @@ def answer(app: AppConfig, node: Node, flower_run: int, wire: bytes, sealed: byt
         return Answer(None, f"{type(exc).__name__}: {exc}", state, time.perf_counter() - started)
 
 
-# The task a node last loaded: the model, its tokenized partition, Opacus's wrapper. A ClientApp process answers
-# one message and ends; the worker keeps this between messages, as the in-process runtime keeps its one task.
+# The task a node last loaded: the model, its tokenized partition, Opacus's wrapper. The executor keeps it
+# between messages, as the in-process runtime keeps its one task.
 _loaded: dict[tuple, object] = {}
+_loading = threading.Lock()
+_long_lived = threading.Event()  # set by the executor: this process answers the node's later messages too
 
 
-def _task(app: AppConfig, node: Node):
+def keep_loaded() -> None:
+    _long_lived.set()
+
+
+def warm(app: AppConfig, node: Node) -> None:
+    """Start loading the task in the background when this process will answer the node's training messages too,
+    so that the model loads during the secure sum's setup rather than in round 1. A failure is left for the
+    training message to report."""
+    if _long_lived.is_set():
+        threading.Thread(target=lambda: _task(app, node, quiet=True), name="securefed-warm", daemon=True).start()
+
+
+def _task(app: AppConfig, node: Node, quiet: bool = False):
+    with _loading:
+        try:
+            return _load(app, node)
+        except Exception:
+            if not quiet:
+                raise
+            return None
+
+
+def _load(app: AppConfig, node: Node):
     from .. import job as jobs
     from ..tasks import task_kind
 
-    stat = node.data.stat()
+    try:
+        stat = node.data.stat()
+    except OSError as exc:
+        raise DataError(f"{node.data}: this node's data cannot be read ({exc.strerror})") from None
     key = (app.job.fingerprint(), tuple(app.labels), str(node.data.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _loaded:
         _loaded.clear()
