@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -470,12 +470,12 @@ def flower_join(
     from .runtime.executor import Executor, make_secret, prepare_training
     from .runtime.flower import client_app
 
-    secret = make_secret(node_dir)
-    executor = Executor(f"127.0.0.1:{port}", secret, client_app)
-    executor.start()
+    secret = make_secret(node_dir, port)
+    executor = Executor(f"127.0.0.1:{port}", secret, client_app, config)
     prepare_training()
-    try:
-        code = _supervise(supernode_command(superlink, ca, auth_key, config, port, secret), flower_env())
+    try:  # the executor starts once the SuperNode has been started and its signals are passed on
+        code = _supervise(supernode_command(superlink, ca, auth_key, config, port, secret), flower_env(),
+                          then=executor.start)
     finally:
         executor.stop()
         secret.unlink(missing_ok=True)
@@ -543,8 +543,9 @@ def _exec(command: list[str], env: dict[str, str]) -> None:
     os.execve(command[0], command, env)
 
 
-def _supervise(command: list[str], env: dict[str, str]) -> int:
-    """Run a Flower process as a child, passing on the signals that stop it; its exit code is the command's."""
+def _supervise(command: list[str], env: dict[str, str], then: Callable[[], object] | None = None) -> int:
+    """Run a Flower process as a child, passing on the signals that stop it, and call `then` once it runs; the
+    exit code is the command's (128 + the signal's number if a signal ended it)."""
     import signal
     import subprocess
 
@@ -552,9 +553,12 @@ def _supervise(command: list[str], env: dict[str, str]) -> int:
     child = subprocess.Popen(command, env=env)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda number, _frame: child.send_signal(number))
+    if then is not None:
+        then()
     while True:
         try:
-            return child.wait()
+            code = child.wait()
+            return 128 - code if code < 0 else code
         except KeyboardInterrupt:  # the terminal sent SIGINT to the child too: wait for it to stop
             continue
 

@@ -147,9 +147,9 @@ def test_flower_join_gives_the_node_and_its_clientapp_processes_their_share_of_t
     write_job(tmp_path, tiny_model, *sst2_sample)
     started, threads = {}, []
 
-    def supervise(command, env):
+    def supervise(command, env, then):
         secret = Path(command[command.index("--superexec-auth-secret-file") + 1])
-        started.update(command=command, env=env, secret=secret, mode=secret.stat().st_mode & 0o777)
+        started.update(command=command, env=env, secret=secret, mode=secret.stat().st_mode & 0o777, then=then)
         return 0
 
     monkeypatch.setattr(cli, "_supervise", supervise)

@@ -36,17 +36,19 @@ from flwr.supercore.interceptors.http.runtime_token import RuntimeTokenHttpInter
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from .node import keep_loaded
+from ..errors import SecurefedError
+from .node import keep_loaded, loading
 
-SECRET_FILE = "superexec.secret"
-POLL_SECONDS = 0.1  # how often an idle executor asks the SuperNode for a task (a local HTTP call)
+POLL_SECONDS = 0.2  # how often an idle executor asks the SuperNode for a task (a local HTTP call)
+REFUSALS = 20  # task requests the SuperNode may refuse in a row before this node stops (a wrong secret)
 _ACQUIRE = "/flwr.proto.Runtime/AcquireTask"  # the one call the secret signs
 
 
-def make_secret(node_dir: Path) -> Path:
+def make_secret(node_dir: Path, port: int) -> Path:
     """A fresh secret for this node's SuperNode and executor, readable by this user only: another local process
-    cannot take the node's tasks (and with them its sealed state) off the Runtime API."""
-    path = node_dir / SECRET_FILE
+    cannot take the node's tasks off the Runtime API. One file per Runtime API port, so that nodes sharing a
+    folder never read each other's."""
+    path = node_dir / f"superexec-{port}.secret"
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -55,13 +57,17 @@ def make_secret(node_dir: Path) -> Path:
 
 
 class Executor:
-    """Answers one SuperNode's ClientApp tasks, one at a time, with `app` (securefed's ClientApp)."""
+    """Answers one SuperNode's ClientApp tasks, one at a time, with `app` (securefed's ClientApp).
 
-    def __init__(self, address: str, secret_file: Path, app):
+    Every task gets this node's own `node_config` (what `flower join` was told), whatever the Runtime API says:
+    a process that took the port before the SuperNode could otherwise pick the job, the data and the key paths."""
+
+    def __init__(self, address: str, secret_file: Path, app, node_config: dict):
         self.address = address
         self.app = app
+        self.node_config = dict(node_config)
         self.secret = load_superexec_auth_secret(str(secret_file))
-        self.answered = 0  # tasks run to a reply
+        self.answered = 0  # tasks answered with a reply (not an error)
         keep_loaded()
         self._stop = threading.Event()
 
@@ -76,21 +82,32 @@ class Executor:
     def serve(self) -> None:
         try:
             self._serve()
-        except BaseException as exc:  # a bug here would leave the node joined but deaf: stop it instead, loudly
-            traceback.print_exc(file=sys.stderr)
+        except BaseException as exc:  # a node joined but deaf would stall every round: stop it instead, loudly
+            if not isinstance(exc, SecurefedError):
+                traceback.print_exc(file=sys.stderr)
             print(f"securefed: this node's executor failed ({type(exc).__name__}: {exc}); stopping the node",
                   file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
 
     def _serve(self) -> None:
         runtime = self._client(SuperExecAuthHttpInterceptor(master_secret=self.secret, protected_methods={_ACQUIRE}))
+        refused = 0
         try:
             while not self._stop.is_set():
                 try:
                     got = runtime.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-                except httpx.HTTPError:  # the SuperNode is starting, or restarting: ask again
+                except httpx.HTTPStatusError as exc:  # the SuperNode answered, and said no
+                    refused += 1
+                    if refused >= REFUSALS:
+                        status = exc.response.status_code
+                        raise SecurefedError(f"the SuperNode refused {refused} task requests in a row (HTTP "
+                                             f"{status}): it does not hold this node's secret") from None
                     self._stop.wait(1.0)
                     continue
+                except httpx.TransportError:  # the SuperNode is starting: ask again
+                    self._stop.wait(1.0)
+                    continue
+                refused = 0
                 if got.HasField("task") and got.token:
                     self.run_task(got.token)
                 else:
@@ -99,34 +116,43 @@ class Executor:
             runtime.close()
 
     def run_task(self, token: str) -> None:
-        """What `flwr-clientapp` does with one task, in this process and without installing the FAB."""
+        """What `flwr-clientapp` does with one task, in this process and without installing the FAB. Whatever
+        fails, this process goes on to the next task; a task left without a reply is answered by the SuperNode
+        itself with an error once its token expires (the server then counts the node out of that message)."""
         client = self._client(RuntimeTokenHttpInterceptor(token))
         heartbeat = HeartbeatSender(lambda: _beat(client))
         heartbeat.start()
-        message = context = reply = None
-        status, details = SubStatus.FAILED, "securefed's ClientApp failed"
         started = time.perf_counter()
         try:
-            message, context, _run, _fab = pull_task_input(client)
-            reply = self.app(message=message, context=context)
-            status, details = SubStatus.COMPLETED, ""
-        except Exception as exc:  # noqa: BLE001 - the reason goes to the server as Flower's error reply
-            print(f"securefed: a task failed on this node: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            if message is not None:
+            try:
+                message, context, _run, _fab = pull_task_input(client)
+            except Exception as exc:  # noqa: BLE001 - nothing to reply to: leave it to the token's expiry
+                _say(f"could not take a task from the SuperNode ({type(exc).__name__}: {exc})")
+                return
+            context.node_config = dict(self.node_config)
+            kind = message.metadata.message_type
+            try:
+                reply, status, details = self.app(message=message, context=context), SubStatus.COMPLETED, ""
+            except Exception as exc:  # noqa: BLE001 - the reason goes to the server as Flower's error reply
+                if not isinstance(exc, SecurefedError):  # a bug, not bad input: keep its traceback
+                    traceback.print_exc(file=sys.stderr)
                 reason = f"{type(exc)}:<'{exc}'>"  # as flwr-clientapp words it
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
-        finally:
+                status, details = SubStatus.FAILED, reason
             try:
-                if reply is not None and context is not None:
-                    push_message(client, reply, context)
-                    self.answered += 1
+                push_message(client, reply, context)
                 push_task_output(client, context, status, details)
-            except httpx.HTTPError as exc:
-                print(f"securefed: could not hand a reply to the SuperNode: {exc}", file=sys.stderr, flush=True)
-            heartbeat.stop()
+            except Exception as exc:  # noqa: BLE001 - the token's expiry turns it into an error reply
+                _say(f"could not hand a {kind} reply to the SuperNode ({type(exc).__name__}: {exc})")
+                return
+            if status == SubStatus.COMPLETED:
+                self.answered += 1
+            _say(f"{'answered' if status == SubStatus.COMPLETED else 'refused'} a {kind} in "
+                 f"{time.perf_counter() - started:.1f} s")
+        finally:
+            if heartbeat.is_running:
+                heartbeat.stop()
             client.close()
-        print(f"securefed: answered a {message.metadata.message_type if message else 'task'} in "
-              f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
     def _client(self, interceptor) -> RuntimeHttpClient:
         return RuntimeHttpClient.from_server_address(
@@ -136,21 +162,27 @@ class Executor:
 
 def prepare_training() -> None:
     """Import the training code in a thread while the SuperNode waits for its first message: torch, transformers,
-    peft and opacus take seconds (peft alone 12 CPU-seconds here), which a first training message would wait for."""
+    peft and opacus take seconds (peft alone 12 CPU-seconds here), which a first training message would wait for.
+    It holds the node's loading lock, so that a model loading ahead (node.warm) waits rather than importing the
+    same modules from a second thread."""
     def load() -> None:
         started = time.perf_counter()
-        importlib.import_module("securefed.job")
-        print(f"securefed: training code imported in {time.perf_counter() - started:.1f} s", file=sys.stderr,
-              flush=True)
+        with loading:
+            importlib.import_module("securefed.job")
+        _say(f"training code imported in {time.perf_counter() - started:.1f} s")
 
     threading.Thread(target=load, name="securefed-import", daemon=True).start()
 
 
+def _say(text: str) -> None:
+    print(f"securefed: {text}", file=sys.stderr, flush=True)
+
+
 def _beat(client: RuntimeHttpClient) -> bool:
     """Keep the task's token alive during long training. Unlike Flower's own, never signals the process: a task
-    the SuperNode has given up on fails at its next call, and this executor takes the next."""
+    the SuperNode has given up on fails at its push, and this executor takes the next."""
     try:
         client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
-    except httpx.HTTPError:
+    except Exception:  # noqa: BLE001 - a dead heartbeat thread would end the token; retried with backoff
         return False
     return True

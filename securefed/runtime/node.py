@@ -122,7 +122,7 @@ def answer(app: AppConfig, node: Node, flower_run: int, wire: bytes, sealed: byt
 # The task a node last loaded: the model, its tokenized partition, Opacus's wrapper. The executor keeps it
 # between messages, as the in-process runtime keeps its one task.
 _loaded: dict[tuple, object] = {}
-_loading = threading.Lock()
+loading = threading.RLock()  # one load (or import of the training code) at a time
 _long_lived = threading.Event()  # set by the executor: this process answers the node's later messages too
 
 
@@ -139,12 +139,14 @@ def warm(app: AppConfig, node: Node) -> None:
 
 
 def _task(app: AppConfig, node: Node, quiet: bool = False):
-    with _loading:
+    with loading:
         try:
             return _load(app, node)
-        except Exception:
+        except Exception as exc:
             if not quiet:
                 raise
+            print(f"securefed: loading ahead failed ({type(exc).__name__}: {exc}); the first training message "
+                  "will say why", file=sys.stderr, flush=True)
             return None
 
 
