@@ -496,11 +496,14 @@ class Loopback:
         return out
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
-        """Stop a process group: `sig` first (a SuperNode then leaves the SuperLink at once), SIGKILL for whatever
-        of the group is left after 20 s or once its leader has gone."""
+        """Stop a process group: `sig` to its leader first (a SuperNode then leaves the SuperLink at once), SIGKILL
+        for whatever of the group is left after 20 s or once its leader has gone. Only the leader: `flower join`
+        passes the signal on to its SuperNode, and a second SIGTERM that reaches a SuperNode already exiting kills
+        it before it has left the SuperLink (Flower's handler restores the default one first), which then refuses
+        the node's key for a while."""
         process = self.processes.pop(name)
         try:
-            os.killpg(process.pid, sig)
+            os.kill(process.pid, sig)
             process.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
