@@ -367,14 +367,14 @@ def flower_app_folder(
                                                 "clients' nodes")] = 300.0,
 ) -> None:
     """Write a Flower App that runs JOB: securefed's ServerApp and ClientApp, with the job in its run config."""
-    from .data.datasets import label_names
     from .runtime.deployment import check_deployable, write_app
+    from .tasks import task_kind
 
     config = load_job(job)
-    check_deployable(config)  # before reading labels: a generation job has none
+    check_deployable(config)
     where = run_dir or config.output.dir or Path("runs") / config.name
-    written = write_app(config, label_names(config.data), out, where, reply_timeout=reply_timeout,
-                       join_timeout=join_timeout)
+    written = write_app(config, task_kind(config).label_order(), out, where, reply_timeout=reply_timeout,
+                        join_timeout=join_timeout)
     say(f"wrote {written} and {out / 'job.toml'} (give it to every organisation: `flower join --job` "
         f"pins it); the server will write its run to {where.resolve()}. Start it with "
         f"`securefed flower run {out} --superlink HOST:PORT --ca CA`.")
@@ -442,15 +442,15 @@ def flower_join(
                                                 "one machine give each cores/nodes")] = None,
 ) -> None:
     """Start a SuperNode for one organisation: its data, ledger and key stay on this machine."""
-    from .data.datasets import check_partition
     from .runtime.deployment import check_deployable, flower_env, supernode_command
+    from .tasks import task_kind
 
     ca = _tls(ca, insecure)
     agreed = load_job(job)
     check_deployable(agreed)
     if client >= agreed.federation.clients:
         raise SecurefedError(f"--client {client}: the job has clients 0 to {agreed.federation.clients - 1}")
-    examples = check_partition(agreed.data, data)
+    examples = task_kind(agreed).check_partition(data)
     if key is not None and not key.is_file():
         raise SecurefedError(f"{key}: key file not found")
     node_dir.mkdir(parents=True, exist_ok=True)

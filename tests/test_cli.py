@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import write_job
+from conftest import tiny_causal, write_job
 
 
 def securefed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -114,6 +114,46 @@ def test_ctrl_c_says_how_to_resume_and_resume_finishes(tmp_path, tiny_model, sst
     finished = securefed("run", "job.toml", "--resume", "run", cwd=tmp_path)
     assert finished.returncode == 0 and "resuming after round" in finished.stderr
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 10
+
+
+@pytest.mark.parametrize("example", ["dolly-smollm2.toml", "quickstart.toml"])
+def test_flower_app_writes_each_task_kinds_app(tmp_path, example):
+    """A generation job has no labels to fix; a classification job's come from its dev split."""
+    import tomllib
+
+    from securefed.runtime.deployment import AppConfig
+
+    root = Path(__file__).resolve().parents[1]
+    result = securefed("flower", "app", str(root / "examples" / example), "--out", "app", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    app = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text(encoding="utf-8"))
+    config = AppConfig.from_run_config(app["tool"]["flwr"]["app"]["config"])
+    assert config.labels == ([] if example.startswith("dolly") else ["0", "1"])  # SST-2's labels
+    assert (tmp_path / "app" / "job.toml").read_text(encoding="utf-8") == config.job.to_toml()
+
+
+def test_flower_join_reads_a_generation_clients_instructions(tmp_path, instruction_sample, monkeypatch):
+    """A generation client's data is checked as instructions; a file lacking the response field is refused in one
+    line before anything starts."""
+    from typer.testing import CliRunner
+
+    from securefed import cli
+    from securefed.runtime import node
+
+    train, dev = instruction_sample
+    write_job(tmp_path, tiny_causal(tmp_path / "llama", "llama"), train, dev,
+              task={"kind": "generation", "max_new_tokens": 4})
+    started = []
+    monkeypatch.setattr(cli, "_supervise", lambda command, env, then: started.append(command) or 0)
+    monkeypatch.setattr(node, "_long_lived", threading.Event())
+    join = ["flower", "join", "--superlink", "127.0.0.1:1", "--insecure", "--job", "job.toml", "--client", "0",
+            "--dir", "node"]
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.app, [*join, "--data", str(train)])
+    assert result.exit_code == 0 and len(started) == 1, result.output
+    assert "96 examples" in result.output
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "Say hi", "context": ""}\n', encoding="utf-8")
+    assert_user_error(securefed(*join, "--data", "bad.jsonl", cwd=tmp_path), "bad.jsonl", "response")
 
 
 def test_flower_and_partition_commands_refuse_bad_input_in_one_line(tmp_path, tiny_model, sst2_sample):

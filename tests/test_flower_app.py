@@ -32,6 +32,7 @@ from securefed.runtime import flower  # noqa: E402
 from securefed.runtime.deployment import AppConfig, check_deployable, make_certificates  # noqa: E402
 from securefed.runtime.local import execute, prepare  # noqa: E402
 from securefed.runtime.node import Node, NodeState  # noqa: E402
+from securefed.tasks import task_kind  # noqa: E402
 
 SECRET = "0123456789abcdef"
 
@@ -83,7 +84,7 @@ def deploy(folder, job):
     """Each client's partition of `job` in its own file, and a node context per client, each with the DP secret."""
     config = load_job(job)
     parts = write_partitions(config, folder / "parts")
-    labels = label_names(config.data) if config.task.kind == "classification" else []
+    labels = task_kind(config).label_order()
     app = AppConfig(config, labels, folder / "run", reply_timeout=3.0, join_timeout=5.0)
     contexts = {}
     for cid, path in enumerate(parts):

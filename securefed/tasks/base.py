@@ -35,6 +35,15 @@ class TaskKind(ABC):
     def load_splits(self) -> Splits:
         """The job's train and dev splits."""
 
+    def label_order(self) -> list[str]:
+        """The labels in the order every party uses, fixed by the one who writes a deployed job's App (none unless
+        the task has labels)."""
+        return []
+
+    @abstractmethod
+    def check_partition(self, path: Path) -> int:
+        """How many examples a client's own data file holds, after checking it reads as the job's data."""
+
     @abstractmethod
     def party_splits(self, labels: list[str], partition: Path | None = None) -> Splits:
         """A deployed party's data: a client's own partition (no dev split), or the server's dev split alone."""

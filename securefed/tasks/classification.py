@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import PadCollator, Splits, encode, load_splits
-from ..data.datasets import party_splits
+from ..data.datasets import check_partition, label_names, party_splits
 from ..models import Evaluation, evaluate
 from .base import TaskKind
 
@@ -16,6 +16,12 @@ class Classification(TaskKind):
 
     def load_splits(self) -> Splits:
         return load_splits(self.config.data)
+
+    def label_order(self) -> list[str]:
+        return label_names(self.config.data)  # from the dev split: a client's partition may lack a label
+
+    def check_partition(self, path: Path) -> int:
+        return check_partition(self.config.data, path)
 
     def party_splits(self, labels: list[str], partition: Path | None = None) -> Splits:
         return party_splits(self.config.data, labels, partition)

@@ -29,6 +29,9 @@ class Generation(TaskKind):
         train, dev = load_instruction_splits(self.config.data)
         return Splits(train, dev, [])
 
+    def check_partition(self, path: Path) -> int:
+        return len(load_instructions(instruction_source(self.config.data), (path,), "partition"))
+
     def party_splits(self, labels: list[str], partition: Path | None = None) -> Splits:
         source = instruction_source(self.config.data)
         if partition is not None:
