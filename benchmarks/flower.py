@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import statistics
 import sys
@@ -64,6 +65,8 @@ def main() -> None:
 
         keys = {cid: path for cid in range(clients)
                 if (path := prepared.run_dir.keys_dir / f"client-{cid}.wmkey").exists()}
+        del prepared  # the in-process model: the nodes and the server load their own
+        gc.collect()
         deployment = Loopback(root / "flower")
         started = time.perf_counter()
         try:
