@@ -67,7 +67,6 @@ class Executor:
         self.app = app
         self.node_config = dict(node_config)
         self.secret = load_superexec_auth_secret(str(secret_file))
-        self.answered = 0  # tasks answered with a reply (not an error)
         keep_loaded()
         self._stop = threading.Event()
 
@@ -145,8 +144,6 @@ class Executor:
             except Exception as exc:  # noqa: BLE001 - the token's expiry turns it into an error reply
                 _say(f"could not hand a {kind} reply to the SuperNode ({type(exc).__name__}: {exc})")
                 return
-            if status == SubStatus.COMPLETED:
-                self.answered += 1
             _say(f"{'answered' if status == SubStatus.COMPLETED else 'refused'} a {kind} in "
                  f"{time.perf_counter() - started:.1f} s")
         finally:

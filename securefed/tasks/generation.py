@@ -30,7 +30,7 @@ class Generation(TaskKind):
         return Splits(train, dev, [])
 
     def check_partition(self, path: Path) -> int:
-        return len(load_instructions(instruction_source(self.config.data), (path,), "partition"))
+        return len(self.party_splits([], path).train)
 
     def party_splits(self, labels: list[str], partition: Path | None = None) -> Splits:
         source = instruction_source(self.config.data)
