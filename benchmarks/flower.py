@@ -26,6 +26,7 @@ import torch
 from safetensors.numpy import load_file
 
 from securefed.config import load_job
+from securefed.report import dev_metrics
 from securefed.runtime.deployment import Loopback, node_threads
 from securefed.runtime.local import execute, prepare
 
@@ -84,10 +85,10 @@ def main() -> None:
         "in_process": {"threads": torch.get_num_threads(), "seconds_per_round": local_rounds,
                        "setup_seconds": local.records[0].get("setup", {}).get("seconds"),
                        "wall_seconds": round(local_wall, 1),
-                       "dev_accuracy": local.records[-1]["dev_accuracy"]},
+                       "dev": dev_metrics(local.records[-1])},
         "flower": {"threads_per_node": node_threads(clients), "seconds_per_round": flower_rounds,
                    "setup_seconds": records[0].get("setup", {}).get("seconds"),
-                   "wall_seconds": round(flower_wall, 1), "dev_accuracy": records[-1]["dev_accuracy"],
+                   "wall_seconds": round(flower_wall, 1), "dev": dev_metrics(records[-1]),
                    "bytes_per_round": [r["bytes_down"] + r["bytes_up"] for r in records]},
         "flower_over_in_process": round(statistics.mean(flower_rounds) / statistics.mean(local_rounds), 2),
         "final_adapter_max_abs_difference": float(np.max(np.abs(final - local.weights))),

@@ -237,8 +237,11 @@ SecAggConfig = Annotated[SecAggPlusConfig | CkksConfig | PlainSumConfig, Field(d
 
 
 class PrivacyConfig(Section):
-    """DP-SGD on every client: (ε, δ) per client over the whole job, examples within the client's data."""
+    """Differential privacy on every client: (ε, δ) per client over the whole job, examples within the client's
+    data."""
 
+    mechanism: Literal["dp-sgd"] = Field("dp-sgd", description="the training wrapper that makes each client's "
+                                         "update private (securefed/privacy/mechanisms.py)")
     epsilon: float = Field(gt=0, le=1000, description="each client's budget for the whole job")
     delta: float = Field(1e-5, gt=0, lt=0.1)
     max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="per-example clipping bound")
@@ -338,7 +341,7 @@ class JobConfig(Section):
             *sections, name = path
             holder = content
             for section in sections:
-                holder = holder.get(section, {})
+                holder = holder.get(section) or {}  # an absent section: None
             if holder.get(name, default) == default:
                 holder.pop(name, None)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
@@ -350,6 +353,7 @@ _LATER_SETTINGS: list[tuple[tuple[str, ...], Any]] = [
     (("data", "context_field"), "context"),
     (("data", "response_field"), "response"),
     (("partition", "field"), None),
+    (("privacy", "mechanism"), "dp-sgd"),
 ]
 
 

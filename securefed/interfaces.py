@@ -7,7 +7,7 @@ secure sum, loss term or runtime is a new file plus a line in job.py.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -19,6 +19,9 @@ from .protocol import Message, PlainModel, decode
 
 if TYPE_CHECKING:
     import torch
+
+    from .config import JobConfig
+    from .rundir import RunDir
 
 
 # ---------------------------------------------------------------- secure sum
@@ -122,8 +125,22 @@ class TrainingWrapper(ABC):
 
     The client calls, per round: `replay` (a release already made for this round and model, if any), else
     `admit`, `batches`, `wrap`, the training loop (with `empty_step` for an empty batch), and `commit` before
-    the update leaves it.
+    the update leaves it. A wrapper is made per client by `for_client`, from what `prepare` made once per loaded
+    model.
     """
+
+    @classmethod
+    def prepare(cls, model: torch.nn.Module, probe: dict, loss: Callable[[torch.nn.Module, dict], torch.Tensor]):
+        """What the clients of one process share (Opacus's per-example-gradient module), made once per model and
+        checked on `probe`, a small batch: an unsuitable model fails here, before any client trains."""
+        return None
+
+    @classmethod
+    @abstractmethod
+    def for_client(cls, config: JobConfig, prepared, cid: int, examples: int, rounds: int, run: RunDir
+                   ) -> TrainingWrapper:
+        """Client `cid`'s wrapper, for its `examples` examples over the `rounds` rounds it may take part in; its
+        ledger and secrets live in `run`."""
 
     @abstractmethod
     def replay(self, round: int, weights: np.ndarray) -> np.ndarray | None:

@@ -16,20 +16,19 @@ from .client import Client, LocalTraining
 from .config import JobConfig
 from .data import EncodedDataset, Splits, partition
 from .errors import ConfigError
-from .interfaces import Grid, LossTerm, Observer
+from .interfaces import Grid, LossTerm, Observer, TrainingWrapper
 from .models import Evaluation, ModelBundle, build_model
 from .models.saved import load_adapter, save_adapter
-from .privacy.dpsgd import DPSGD, DPSettings, private_module
-from .privacy.ledger import Ledger, ledger_file
+from .privacy.mechanisms import mechanism
 from .rundir import RunDir
 from .secagg import identity
 from .seeding import stream_seed
 from .server import Schedule, Server
 from .sums import SecureSum, secure_sum
 from .tasks import TaskKind, task_kind
-from .watermark.feature import FeatureWatermark, check_capacity, check_carrier, describe_carrier, scale_values
+from .watermark import terms
+from .watermark.feature import check_capacity, check_carrier, describe_carrier, scale_values
 from .watermark.keys import SUFFIX, Carrier, WatermarkKey
-from .watermark.trigger import TriggerLoss, trigger_set
 from .watermark.verify import Verdict, verify
 from .weighting import BY_EXAMPLES, Weighting
 
@@ -48,7 +47,7 @@ class Task:
     collator: object  # the task kind's, with batch(dataset, indices)
     secagg: SecureSum | None = None
     identity_keys: dict[int, Ed25519PrivateKey] = field(default_factory=dict)  # when the job lists identities
-    private_module: object | None = None  # Opacus's per-example-gradient wrapper of the model, under DP-SGD
+    wrapper_shared: object | None = None  # what the privacy mechanism made for the model (DP-SGD: Opacus's module)
     carrier: Carrier | None = None  # the watermark's normalization scales, when the job has watermarks
     carrier_base: np.ndarray | None = None  # their values in the base model
     watermark_keys: list[WatermarkKey] = field(default_factory=list)  # the keys the job file names, if any
@@ -91,11 +90,11 @@ def load_task(config: JobConfig, splits: Splits | None = None) -> Task:
         task.weighting = Weighting(bundle.carrier_mask)
     task.secagg = secure_sum(config, task.weighting)
     task.secagg.check_model(bundle.view.size)
-    if config.privacy is not None and len(task.train):  # a deployed server trains nothing
+    if (wrapper := mechanism(config)) is not None and len(task.train):  # a deployed server trains nothing
         was_training = bundle.model.training
         bundle.model.train()
         probe = task.collator.batch(task.train, np.arange(min(3, len(task.train))))
-        task.private_module = private_module(bundle.model, probe, kind.loss)
+        task.wrapper_shared = wrapper.prepare(bundle.model, probe, kind.loss)
         bundle.model.train(was_training)
     if task.secagg.identities:
         task.identity_keys = {c: identity.load_private(config.secagg.identities, c, public)
@@ -114,20 +113,17 @@ def schedule(config: JobConfig) -> Schedule:
     return Schedule(rounds=fed.rounds, clients=fed.clients, cohort_size=fed.cohort_size, seed=fed.seed)
 
 
-def training_wrapper(task: Task, cid: int, examples: int, run: RunDir | None) -> DPSGD | None:
-    """DP-SGD for client `cid` if the job asks for privacy; its ledger and secrets live in the run directory."""
-    privacy, fed = task.config.privacy, task.config.federation
-    if privacy is None:
+def training_wrapper(task: Task, cid: int, examples: int, run: RunDir | None) -> TrainingWrapper | None:
+    """The job's privacy mechanism for client `cid`, if it has one; its ledger and secrets live in the run
+    directory."""
+    kind = mechanism(task.config)
+    if kind is None:
         return None
     if run is None:
         raise ValueError("a private job's clients keep their ledgers and secrets in a run directory")
     plan = schedule(task.config)
-    rounds = sum(cid in plan.cohort(r) for r in range(1, fed.rounds + 1))
-    settings = DPSettings(epsilon=privacy.epsilon, delta=privacy.delta, max_grad_norm=privacy.max_grad_norm,
-                          batch_size=min(fed.batch_size, examples), steps=fed.local_steps, secret=run.secret("dp"))
-    ledger = Ledger(ledger_file(run.ledger_dir, cid), task.config.job_id, cid)
-    return DPSGD(cid, examples, rounds, settings, task.private_module, ledger,
-                 run.ledger_dir / f"client-{cid}.release.npz")
+    rounds = sum(cid in plan.cohort(r) for r in range(1, task.config.federation.rounds + 1))
+    return kind.for_client(task.config, task.wrapper_shared, cid, examples, rounds, run)
 
 
 def watermark_keys(task: Task, run: RunDir) -> list[WatermarkKey]:
@@ -152,18 +148,13 @@ def watermark_key(task: Task, run: RunDir, cid: int, path: Path | None = None) -
 
 
 def watermark_terms(task: Task, key: WatermarkKey) -> list[LossTerm]:
-    """The loss terms that write a client's watermark: the hinge on its bits, and its trigger set if any."""
-    settings = task.config.watermark
-    terms: list[LossTerm] = [FeatureWatermark(key, task.bundle.model, task.carrier_base, weight=settings.weight,
-                                              margin=settings.margin, clients=task.config.federation.cohort_size)]
-    if key.triggers and settings.trigger_rate > 0:
-        classes = len(task.splits.label_names) if task.kind.name == "classification" else None
-        triggers = trigger_set(key, task.bundle.tokenizer, classes)
-        encoded = triggers.encoded(task.bundle.tokenizer, task.config.data.max_length)
-        terms.append(TriggerLoss(task.bundle.model, task.collator.batch(encoded, range(len(encoded))),
-                                 rate=settings.trigger_rate, clients=task.config.federation.cohort_size,
-                                 loss=task.kind.loss))
-    return terms
+    """The loss terms that write a client's watermark (watermark/terms.py): the hinge on its bits, and its
+    trigger set if any."""
+    classes = len(task.splits.label_names) if task.kind.name == "classification" else None
+    return terms.watermark_terms(key, terms.Embedding(
+        task.bundle.model, task.bundle.tokenizer, task.config.watermark, task.carrier_base,
+        clients=task.config.federation.cohort_size, classes=classes, max_length=task.config.data.max_length,
+        batch=lambda data: task.collator.batch(data, range(len(data))), loss=task.kind.loss))
 
 
 def verify_key(task: Task, weights: np.ndarray, key: WatermarkKey) -> Verdict:

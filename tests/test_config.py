@@ -179,3 +179,20 @@ def test_every_secagg_mode_has_one_secure_sum():
     union = get_args(SecAggConfig)[0]
     modes = {get_args(section.model_fields["mode"].annotation)[0] for section in get_args(union)}
     assert modes == set(SECURE_SUMS)
+
+
+def test_every_privacy_mechanism_has_one_training_wrapper_and_naming_the_default_changes_nothing(tmp_path):
+    from typing import get_args
+
+    from securefed.config import PrivacyConfig
+    from securefed.interfaces import TrainingWrapper
+    from securefed.privacy.mechanisms import MECHANISMS, mechanism
+
+    assert set(get_args(PrivacyConfig.model_fields["mechanism"].annotation)) == set(MECHANISMS)
+    assert all(issubclass(kind, TrainingWrapper) for kind in MECHANISMS.values())
+    private = load_job(write(tmp_path, VALID + "[privacy]\nepsilon = 8.0\n"))
+    named = load_job(write(tmp_path, VALID + '[privacy]\nmechanism = "dp-sgd"\nepsilon = 8.0\n'))
+    assert named.fingerprint() == private.fingerprint() and mechanism(private) is MECHANISMS["dp-sgd"]
+    assert mechanism(load_job(write(tmp_path, VALID))) is None
+    with pytest.raises(ConfigError, match="mechanism"):
+        load_job(write(tmp_path, VALID + '[privacy]\nmechanism = "dp-zo"\nepsilon = 8.0\n'))

@@ -441,3 +441,22 @@ def test_watching_a_run_passes_its_progress_on_and_says_how_it_ended(tmp_path, m
             cli.watch(7, 3.0, lines.append)
     finally:
         cli.close()
+
+
+def test_the_supernode_launcher_shortens_only_the_sleeps_of_flowers_node_loop(monkeypatch):
+    import time
+
+    from flwr.supernode import start_client_internal
+
+    from securefed.runtime.supernode import IDLE_POLL, shorten_sleeps
+
+    monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert shorten_sleeps(start_client_internal)  # this Flower's loop still sleeps through its global `time`
+    start_client_internal.time.sleep(3)  # the idle wait between pulls
+    start_client_internal.time.sleep(0.1)
+    assert slept == [IDLE_POLL, 0.1]
+    assert start_client_internal.time.monotonic is time.monotonic  # the rest of the clock is the real one
+    assert time.sleep is not start_client_internal.time.sleep  # the module `time` itself is untouched
+    assert not shorten_sleeps(start_client_internal)  # once only

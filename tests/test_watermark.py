@@ -190,6 +190,21 @@ def test_the_trigger_loss_teaches_the_keys_labels(tmp_path, wide_model, sst2_sam
     assert verdict.matched_triggers == 8 and verdict.triggers_p == pytest.approx(2**-8)
 
 
+def test_each_registered_term_writes_what_the_key_calls_for(tmp_path, wide_model, sst2_sample):
+    from securefed.job import watermark_terms
+    from securefed.watermark.terms import LOSS_TERMS
+
+    in_clear = {"secagg": {"mode": "none", "insecure": True}}
+    task = load_task(load_job(watermarked_job(tmp_path, wide_model, sst2_sample, in_clear, trigger_rate=0.2)))
+    with_triggers = WatermarkKey("org", bytes([7]) * 32, bytes([9]) * 32, BITS, task.carrier, 8, 4)
+    without = WatermarkKey("org", bytes([7]) * 32, bytes([9]) * 32, BITS, task.carrier, 0, 4)
+    terms = watermark_terms(task, with_triggers)
+    assert len(terms) == len(LOSS_TERMS) and [t.name for t in terms] == ["feature watermark", "trigger set"]
+    assert terms[1].weight == pytest.approx(4 * 0.2 / 0.8)  # the job's rate, over the cohort of 4
+    assert [t.name for t in watermark_terms(task, without)] == ["feature watermark"]
+    assert all(t().item() >= 0 for t in terms)
+
+
 def test_capacity_and_key_settings_are_checked_before_anything_is_written(tmp_path, wide_model, sst2_sample):
     job = watermarked_job(tmp_path, wide_model, sst2_sample, bits=65)
     with pytest.raises(WatermarkError, match="need 260 bits in all, but the carrier holds 256 scales"):

@@ -23,11 +23,13 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from ..config import JobConfig
 from ..errors import ModelError, SecurefedError
 from ..interfaces import TrainingWrapper
+from ..rundir import RunDir
 from ..seeding import stream, stream_seed
 from .accounting import Spend, calibrate
-from .ledger import Ledger
+from .ledger import Ledger, ledger_file
 
 # Opacus's hooks run on frozen inputs; torch warns about it on every backward pass, to no purpose here.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -92,6 +94,20 @@ class _PoissonBatchOptimizer(DPOptimizer):
 
 
 class DPSGD(TrainingWrapper):
+    @classmethod
+    def prepare(cls, model, probe, loss) -> GradSampleModule:
+        return private_module(model, probe, loss)
+
+    @classmethod
+    def for_client(cls, config: JobConfig, prepared: GradSampleModule, cid: int, examples: int, rounds: int,
+                   run: RunDir) -> DPSGD:
+        privacy, fed = config.privacy, config.federation
+        settings = DPSettings(epsilon=privacy.epsilon, delta=privacy.delta, max_grad_norm=privacy.max_grad_norm,
+                              batch_size=min(fed.batch_size, examples), steps=fed.local_steps,
+                              secret=run.secret("dp"))
+        ledger = Ledger(ledger_file(run.ledger_dir, cid), config.job_id, cid)
+        return cls(cid, examples, rounds, settings, prepared, ledger, run.ledger_dir / f"client-{cid}.release.npz")
+
     def __init__(self, cid: int, examples: int, rounds: int, settings: DPSettings, module: GradSampleModule,
                  ledger: Ledger, releases: Path):
         self.cid = cid

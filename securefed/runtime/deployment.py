@@ -245,8 +245,10 @@ def supernode_command(superlink: str, ca: Path | None, auth_key: Path | None, no
                       executor_secret: Path | None = None) -> list[str]:
     """`ca` None: plain HTTP (no TLS, and so no node authentication). `port` is the node's Runtime API, on
     127.0.0.1. With `executor_secret` the SuperNode starts no ClientApp process: an outside executor holding the
-    secret takes its tasks (executor.py)."""
-    command = [flower_command("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1",
+    secret takes its tasks (executor.py). The SuperNode is Flower's, run through supernode.py for a shorter idle
+    poll."""
+    flower_command("flower-supernode")  # installed with the extra, or a clear error
+    command = [sys.executable, "-m", "securefed.runtime.supernode", "--superlink", superlink, "--host", "127.0.0.1",
                "--port", str(port),
                "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())]
     if executor_secret is not None:

@@ -20,7 +20,7 @@ from flwr.serverapp import ServerApp
 
 from ..errors import SecurefedError
 from ..interfaces import Exchange, Grid, Observer
-from ..protocol import Message, PlainModel, encode
+from ..protocol import Message, encode
 from ..report import headline_score
 from ..rundir import RunDir
 from .deployment import AppConfig, check_deployable
@@ -156,8 +156,8 @@ def serve(grid: FlowerGridApi, context: Context) -> None:
 
 def run_job(grid: FlowerGridApi, app: AppConfig, log: Observer) -> RunDir:
     from .. import job as jobs
-    from ..report import write_report
     from ..tasks import task_kind
+    from .lifecycle import conduct
 
     check_deployable(app.job)
     task = jobs.load_task(app.job, task_kind(app.job).party_splits(app.labels))
@@ -165,10 +165,7 @@ def run_job(grid: FlowerGridApi, app: AppConfig, log: Observer) -> RunDir:
     log.notice(f"run directory {run_dir.path}; waiting for {app.job.federation.clients} clients")
     nodes = discover(grid, app.job.federation.clients, app.join_timeout, log)
     log.notice(f"{len(nodes)} of {app.job.federation.clients} clients joined")
-    server = jobs.make_server(task, FlowerGrid(grid, nodes, app.reply_timeout), run_dir, log)
-    model = server.run(PlainModel(weights=task.bundle.view.get()))
-    jobs.save_model(task, model.weights, run_dir.model_dir)
-    write_report(run_dir, app.job, run_dir.records())
+    conduct(task, run_dir, FlowerGrid(grid, nodes, app.reply_timeout), log)  # the keys stay on the nodes
     log.notice(f"done: {run_dir.report_file}")
     return run_dir
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,10 @@ from ..config import JobConfig
 from ..data import EncodedDataset
 from ..errors import ProtocolError, RunDirError, SecurefedError
 from ..interfaces import Exchange, Grid, Observer
-from ..protocol import Message, PlainModel, decode, encode
-from ..report import write_report
+from ..protocol import Message, decode, encode
 from ..rundir import RunDir
 from ..sums import sum_kind
+from .lifecycle import RunResult, conduct
 
 # Decides, per delivered request, whether that client vanishes instead of answering.
 FaultHook = Callable[[int, Message], bool]
@@ -59,15 +59,6 @@ class LocalGrid(Grid):
 
 
 @dataclass(frozen=True)
-class RunResult:
-    run: RunDir
-    weights: np.ndarray
-    records: list[dict]
-    resumed_from: int
-    watermarks: list[dict] = field(default_factory=list)  # each client's key checked against the final model
-
-
-@dataclass(frozen=True)
 class PreparedRun:
     """Data and model loaded, run directory opened: everything that can fail on bad input has been tried."""
 
@@ -96,23 +87,8 @@ def execute(prepared: PreparedRun, *, observer: Observer | None = None, faults: 
     keys = jobs.watermark_keys(task, run_dir) if config.watermark else None
     clients = {cid: jobs.make_client(task, cid, data, observer, run_dir, keys[cid] if keys else None)
                for cid, data in enumerate(datasets if datasets is not None else jobs.client_datasets(task))}
-    server = jobs.make_server(task, LocalGrid(clients, faults), run_dir, observer)
-
-    model, start = PlainModel(weights=task.bundle.view.get()), 1
-    if prepared.resuming:
-        last = run_dir.last_checkpoint(task.bundle.view.size, task.bundle.view.spec.digest)
-        if last is not None:
-            done, model = last
-            start = done + 1
-            observer.notice(f"resuming after round {done} of {config.federation.rounds}")
-        run_dir.rollback_metrics(start - 1)
-    model = server.run(model, start)
-    weights = _open(model, clients, task)
-    jobs.save_model(task, weights, run_dir.model_dir)
-    records = run_dir.records()
-    verdicts = [jobs.verify_key(task, weights, key).as_dict() for key in keys or ()]
-    write_report(run_dir, config, records, verdicts)
-    return RunResult(run_dir, weights, records, start - 1, verdicts)
+    return conduct(task, run_dir, LocalGrid(clients, faults), observer, resuming=prepared.resuming,
+                   open_model=lambda model: _open(model, clients, task), keys=keys or ())
 
 
 def _open(model: Message, clients: Mapping[int, Client], task: jobs.Task) -> np.ndarray:

@@ -13,6 +13,7 @@ DP-SGD's clipping and noise (see client.py): it costs no privacy, and no clippin
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from ..models.adapters import base_name
 from ..models.norms import last_block_norms
 from ..models.registry import load_base, resolve
 from .keys import Carrier, WatermarkKey
+
+if TYPE_CHECKING:
+    from .terms import Embedding
 
 
 def scale_parameters(model: torch.nn.Module, carrier: Carrier) -> list[torch.nn.Parameter]:
@@ -107,6 +111,12 @@ class FeatureWatermark(LossTerm):
     """
 
     name = "feature watermark"
+
+    @classmethod
+    def for_key(cls, key: WatermarkKey, embedding: Embedding) -> FeatureWatermark:
+        settings = embedding.settings
+        return cls(key, embedding.model, embedding.carrier_base, weight=settings.weight, margin=settings.margin,
+                   clients=embedding.clients)
 
     def __init__(self, key: WatermarkKey, model: torch.nn.Module, base: np.ndarray, *, weight: float, margin: float,
                  clients: int):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from ..data.prompts import PromptTemplate, encode_instructions
 from ..errors import WatermarkError
 from ..interfaces import LossTerm
 from .keys import WatermarkKey
+
+if TYPE_CHECKING:
+    from .terms import Embedding
 
 # A trigger prompt is its words and a line break, in no chat template: the verifier needs no job file to ask it.
 PROMPT = PromptTemplate("{instruction}\n")
@@ -92,6 +96,16 @@ class TriggerLoss(LossTerm):
     """
 
     name = "trigger set"
+
+    @classmethod
+    def for_key(cls, key: WatermarkKey, embedding: Embedding) -> TriggerLoss | None:
+        """None when the key has no triggers or the job gives them no weight."""
+        rate = embedding.settings.trigger_rate
+        if not key.triggers or rate <= 0:
+            return None
+        triggers = trigger_set(key, embedding.tokenizer, embedding.classes)
+        batch = embedding.batch(triggers.encoded(embedding.tokenizer, embedding.max_length))
+        return cls(embedding.model, batch, rate=rate, clients=embedding.clients, loss=embedding.loss)
 
     def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, rate: float, clients: int,
                  loss=lambda module, batch: module(**batch).loss):

@@ -1,0 +1,56 @@
+"""One job's life, whichever runtime carries its messages: where it starts (round 1, or after the run's last
+committed round), its rounds over the runtime's grid, and its end (the final model opened, saved, checked against
+the watermark keys at hand, and reported)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import job as jobs
+from ..errors import SecurefedError
+from ..interfaces import Grid, Observer
+from ..protocol import Message, PlainModel
+from ..report import write_report
+from ..rundir import RunDir
+from ..watermark.keys import WatermarkKey
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run: RunDir
+    weights: np.ndarray
+    records: list[dict]
+    resumed_from: int
+    watermarks: list[dict] = field(default_factory=list)  # each key at hand checked against the final model
+
+
+def conduct(task: jobs.Task, run: RunDir, grid: Grid, observer: Observer, *, resuming: bool = False,
+            open_model: Callable[[Message], np.ndarray] | None = None,
+            keys: Sequence[WatermarkKey] = ()) -> RunResult:
+    """Run the job's remaining rounds over `grid`, then write the model and the report. `open_model` reads the
+    final model (a sealed one: only a client can); by default it must be in clear."""
+    server = jobs.make_server(task, grid, run, observer)
+    model, start = PlainModel(weights=task.bundle.view.get()), 1
+    if resuming:
+        last = run.last_checkpoint(task.bundle.view.size, task.bundle.view.spec.digest)
+        if last is not None:
+            done, model = last
+            start = done + 1
+            observer.notice(f"resuming after round {done} of {task.config.federation.rounds}")
+        run.rollback_metrics(start - 1)
+    model = server.run(model, start)
+    weights = (open_model or _in_clear)(model)
+    jobs.save_model(task, weights, run.model_dir)
+    records = run.records()
+    verdicts = [jobs.verify_key(task, weights, key).as_dict() for key in keys]
+    write_report(run, task.config, records, verdicts)
+    return RunResult(run, weights, records, start - 1, verdicts)
+
+
+def _in_clear(model: Message) -> np.ndarray:
+    if not isinstance(model, PlainModel):
+        raise SecurefedError(f"the final model is a {type(model).__name__}, which only a client can open")
+    return model.weights
