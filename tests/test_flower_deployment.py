@@ -48,7 +48,7 @@ def test_a_node_with_an_unregistered_key_is_refused(federation, tmp_path):
         federation.stop("rogue")
         pytest.fail("a SuperNode with an unregistered key was not refused within 90 s")
     log = federation.log("rogue")
-    assert rogue.returncode != 0 and "flower-supernode" in log  # Flower refused it, not securefed's checks
+    assert rogue.returncode != 0 and "-m securefed.runtime.supernode" in log  # the SuperNode started; Flower refused it
     assert "2004" in log or "activate" in log.lower(), log[-2000:]
 
 
