@@ -11,11 +11,12 @@ import numpy as np
 import torch
 
 from .data import EncodedDataset, PadCollator
-from .errors import ProtocolError
+from .errors import ProtocolError, UpdateRefused
 from .interfaces import LossTerm, Observer, SumClient, TrainingWrapper
 from .models import Evaluation, FlatView
 from .protocol import EvaluateIns, EvaluateRes, Message, TrainIns, TrainRes
 from .seeding import stream, stream_seed
+from .sent import SentRounds
 from .weighting import BY_EXAMPLES, Weighting
 
 _LENGTH_GROUP = 50  # batches re-cut together when grouping by length
@@ -54,6 +55,7 @@ class Client:
         wrapper: TrainingWrapper | None = None,
         weighting: Weighting = BY_EXAMPLES,
         loss: Callable[[torch.nn.Module, dict], torch.Tensor] = lambda module, batch: module(**batch).loss,
+        sent: SentRounds | None = None,
     ):
         self.cid = cid
         self.model = model
@@ -68,6 +70,7 @@ class Client:
         self.wrapper = wrapper
         self.weighting = weighting
         self.loss = loss  # the task's: the mean of the batch's per-example losses
+        self.sent = sent or SentRounds()  # the rounds this client sent an update for: never one twice
 
     @property
     def examples(self) -> int:
@@ -93,16 +96,22 @@ class Client:
         n_k go into the secure sum."""
         started = time.perf_counter()
         weights = self.open(ins.model, ins.spec, ins.round)
+        self.sent.check(ins.round)  # before training: a round already sent costs nothing more
         metrics: dict[str, float] = {}
         vector = self.wrapper.replay(ins.round, weights) if self.wrapper else None
         if vector is None:
             self.view.set(weights)
             metrics["loss"] = float(np.mean(self._train_locally(ins.round)))
             vector = self.weighting.contribution(self.view.get() - weights, self.examples)
+            if not np.isfinite(vector).all():  # nothing is released, so nothing is spent
+                raise UpdateRefused(f"round {ins.round}: the update holds NaN or inf (local training diverged, or "
+                                    "the global model was not finite); nothing was sent")
             if self.wrapper:
                 metrics.update(self.wrapper.commit(ins.round, weights, vector))
         metrics["seconds"] = time.perf_counter() - started
-        return TrainRes(round=ins.round, metrics=metrics, upload=self.secure_sum.upload(ins.round, vector))
+        upload = self.secure_sum.upload(ins.round, vector)
+        self.sent.claim(ins.round)  # durably, before the update leaves
+        return TrainRes(round=ins.round, metrics=metrics, upload=upload)
 
     def evaluate_global(self, ins: EvaluateIns) -> EvaluateRes:
         """Score the global model on the dev split, for a server that cannot read it."""

@@ -39,3 +39,22 @@ class SetupFailed(SecurefedError):
 
 class WatermarkError(SecurefedError):
     """A watermark key is missing, malformed, altered, or made for another model."""
+
+
+class UpdateRefused(SecurefedError):
+    """A client will not send its update as it is (not finite, or outside what the secure sum can carry)."""
+
+
+class ClientBug(SecurefedError):
+    """A client in this process raised something other than a SecurefedError: a bug, which stops the job instead
+    of passing for a dropout. `details` holds its traceback."""
+
+    def __init__(self, client: int, exc: BaseException):
+        import traceback
+
+        self.details = "".join(traceback.format_exception(exc))
+        super().__init__(f"client {client} failed with {type(exc).__name__}: {exc}".splitlines()[0])
+
+
+class JobFailed(SecurefedError):
+    """The job cannot end well: a client failed with a bug, or every round aborted."""

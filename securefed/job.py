@@ -23,6 +23,7 @@ from .privacy.mechanisms import mechanism
 from .rundir import RunDir
 from .secagg import identity
 from .seeding import stream_seed
+from .sent import SentRounds
 from .server import Schedule, Server
 from .sums import SecureSum, secure_sum
 from .tasks import TaskKind, task_kind
@@ -173,7 +174,8 @@ def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer |
     sum_client = task.secagg.client(cid, task.identity_keys.get(cid))
     return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training, sum_client, loss_terms,
                   observer=observer, evaluate=task.evaluate, wrapper=training_wrapper(task, cid, len(data), run),
-                  weighting=task.weighting, loss=task.kind.loss)
+                  weighting=task.weighting, loss=task.kind.loss,
+                  sent=SentRounds(run.sent_rounds_file(cid) if run is not None else None))
 
 
 def make_server(task: Task, grid: Grid, run: RunDir, observer: Observer | None = None) -> Server:

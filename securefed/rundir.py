@@ -81,6 +81,10 @@ class RunDir:
         """
         return int.from_bytes(self._secret(name, 8), "big") >> 1
 
+    def sent_rounds_file(self, client: int) -> Path:
+        """Where client `client` records the rounds it sent an update for (sent.py)."""
+        return self.path / "secrets" / f"sent-rounds-client-{client}"
+
     def secret_key(self, name: str) -> bytes:
         """A 256-bit key kept like `secret`."""
         key = self._secret(name, 32)

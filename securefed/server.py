@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,10 +136,12 @@ class Server:
         log.train_seconds = exchange.client_seconds
         results = {}
         for cid, reply in exchange.replies.items():
-            if isinstance(reply, TrainRes) and reply.round == log.round:
-                results[cid] = reply
-            else:
+            if not isinstance(reply, TrainRes) or reply.round != log.round:
                 log.dropped[cid] = f"expected TrainRes for round {log.round}, got {type(reply).__name__}"
+            elif (wrong := _invalid_metric(reply.metrics)) is not None:
+                log.dropped[cid] = f"sent a training metric it may not: {wrong}"
+            else:
+                results[cid] = reply
         return results
 
     def _evaluate(self, log: _RoundLog, model: Message, trained: list[int]) -> Evaluation | None:
@@ -169,6 +172,26 @@ class Server:
                 step = self.secure_sum.step(follow_up.replies)
         log.dropped.update(step.rejected)
         return step
+
+
+# The training metrics a client may report, and the values each may take: anything else makes it a dropout, so
+# that no client's numbers can stop the server (NaN, inf, a count of 1e300).
+_TRAIN_METRICS = {
+    "loss": lambda v: 0 <= v < 1e6,
+    "seconds": lambda v: 0 <= v < 1e7,
+    "epsilon": lambda v: 0 <= v <= 1e6,
+    "ledger_entries": lambda v: v.is_integer() and 0 <= v <= 1e7,
+}
+
+
+def _invalid_metric(metrics: Mapping[str, float]) -> str | None:
+    for name, value in metrics.items():
+        check = _TRAIN_METRICS.get(name)
+        if check is None:
+            return f"{name!r} is not one"
+        if not (math.isfinite(value) and check(value)):
+            return f"{name} = {value!r}"
+    return None
 
 
 def _aggregate(model: Message, result: SumResult | SealedSum, weighting: Weighting) -> Message:

@@ -70,7 +70,7 @@ def test_dp_changes_the_update_the_noise_is_not_the_job_seed(job_file, finished,
 
 
 @pytest.mark.parametrize("point", ["inside-training", "after-clients-spent"])
-def test_a_crash_then_resume_spends_nothing_twice_and_matches_an_uninterrupted_run(job_file, tmp_path, point):
+def test_a_crash_then_resume_spends_and_sends_nothing_twice(job_file, tmp_path, point):
     config = load_job(job_file)
     out = tmp_path / "r"
 
@@ -90,7 +90,8 @@ def test_a_crash_then_resume_spends_nothing_twice_and_matches_an_uninterrupted_r
     uninterrupted = run(config, out=tmp_path / "u")  # its own secret: compare spending, not weights
     rows = audit_ledgers(out / "ledger", job_id(job_file), 3)
     assert [r.rounds for r in rows] == [3, 3, 3] and all(r.epsilon_prv <= 3.0 for r in rows)
-    assert [r["contributors"] for r in resumed.records] == [3, 3, 3]
+    # a client whose round-2 update had left sits that round out: it never sends one round twice
+    assert [r["contributors"] for r in resumed.records] == ([3, 2, 3] if point == "inside-training" else [3, 0, 3])
     assert resumed.records[-1]["epsilon"] == pytest.approx(uninterrupted.records[-1]["epsilon"], abs=1e-3)
 
 

@@ -12,7 +12,8 @@ from securefed.config import PlainSumConfig, load_job
 from securefed.errors import ConfigError
 from securefed.interfaces import LossTerm, Observer
 from securefed.job import client_datasets, evaluate_saved, load_task, make_client
-from securefed.protocol import PlainModel, TrainIns
+from securefed.protocol import PlainModel, TrainIns, TrainRes
+from securefed.rundir import RunDir
 from securefed.runtime.local import run
 
 
@@ -168,3 +169,103 @@ def test_inputs_longer_than_the_model_takes_are_refused_up_front(tmp_path, tiny_
     with pytest.raises(ConfigError, match="data.max_length is 126 .* at most 124 tokens"):
         run(load_job(job), out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_no_client_sends_one_round_twice_not_even_rebuilt_from_its_run_directory(job_file, finished, tmp_path):
+    """Issue 17, attack 1: a server that summed round r over everyone asks for round r again (after a new setup,
+    a restart of its own or as a new Flower run, each client rebuilt from its run directory), this time without
+    client B, and subtracts the sums to read B's update. Every other client refuses, before training again."""
+    from securefed.errors import ProtocolError
+
+    config = load_job(job_file).model_copy(update={"secagg": PlainSumConfig(mode="none", insecure=True)})
+    task = load_task(config)
+    run_dir = RunDir.create(config, tmp_path / "r")
+    data = client_datasets(task)[0]
+    ins = TrainIns(round=1, spec=task.bundle.view.spec.digest, model=PlainModel(weights=task.bundle.view.get()))
+    client = make_client(task, 0, data, run=run_dir)
+    sent = client.handle(ins).upload.vector
+    progress = []
+    for again in (client, make_client(task, 0, data, run=run_dir)):  # the same client, then one rebuilt
+        again.observer.local_progress = lambda *step: progress.append(step)
+        with pytest.raises(ProtocolError, match="already sent its update for round 1"):
+            again.handle(ins)
+    assert progress == []  # refused before any training
+    # the record is the client's own: another run of the job (its own directory) starts afresh, with the same update
+    other = make_client(task, 0, data, run=RunDir.create(config, tmp_path / "other"))
+    np.testing.assert_array_equal(other.handle(ins).upload.vector, sent)
+    assert run_dir.sent_rounds_file(0).read_text() == "1\n"
+
+
+@pytest.mark.parametrize("metrics", [{"epsilon": float("nan")}, {"ledger_entries": float("inf")},
+                                     {"ledger_entries": 1e300}, {"loss": -1.0}, {"seconds": float("nan")},
+                                     {"made_up": 1.0}], ids=lambda m: next(iter(m)))
+def test_a_client_sending_bad_metrics_is_a_dropout_and_the_job_finishes(job_file, tmp_path, monkeypatch, metrics):
+    """Issue 17, attack 5: one client's metrics (NaN, inf, a huge count, a name nobody asked for) must not end
+    the job or reach its records."""
+    from securefed.client import Client
+
+    honest = Client.train
+
+    def train(self, ins):
+        res = honest(self, ins)
+        return TrainRes(round=res.round, metrics={**res.metrics, **metrics}, upload=res.upload) if self.cid == 1 \
+            else res
+
+    monkeypatch.setattr(Client, "train", train)
+    notices = []
+    observer = Observer()
+    observer.notice = notices.append
+    result = run(load_job(job_file), out=tmp_path / "m", observer=observer)
+    assert [r["contributors"] for r in result.records] == [2, 2, 2]
+    assert any("client 1 dropped out (sent a training metric it may not" in n for n in notices), notices
+    assert all("epsilon" not in r and np.isfinite(r["train_loss"]) for r in result.records)
+
+
+def test_a_bug_in_a_client_stops_the_job_with_one_line_and_its_traceback_in_the_run(job_file, tmp_path, monkeypatch):
+    """Issue 17, 7: a client that raises something other than securefed's own errors is a bug, not a dropout; the
+    job stops, keeping the rounds it committed, and can resume once the bug is gone."""
+    from securefed.client import Client
+    from securefed.errors import JobFailed
+
+    honest = Client.train
+
+    def train(self, ins):
+        if self.cid == 2 and ins.round == 2:
+            raise TypeError("unsupported operand")
+        return honest(self, ins)
+
+    monkeypatch.setattr(Client, "train", train)
+    config = load_job(job_file)
+    with pytest.raises(JobFailed) as failed:
+        run(config, out=tmp_path / "b")
+    message = str(failed.value)
+    assert "client 2 failed with TypeError: unsupported operand" in message and "\n" not in message
+    log = (tmp_path / "b" / "errors.log").read_text()
+    assert "Traceback" in log and "raise TypeError" in log
+    assert [r["round"] for r in RunDir(tmp_path / "b").records()] == [1]
+    monkeypatch.setattr(Client, "train", honest)
+    assert run(config, resume=tmp_path / "b").resumed_from == 1
+
+
+def test_a_job_whose_every_round_aborts_fails_after_writing_its_report(job_file, tmp_path):
+    from securefed.errors import JobFailed
+
+    everyone_vanishes = lambda cid, msg: isinstance(msg, TrainIns)  # noqa: E731
+    with pytest.raises(JobFailed, match="every round aborted .*the one the job started from"):
+        run(load_job(job_file), out=tmp_path / "a", faults=everyone_vanishes)
+    assert (tmp_path / "a" / "report.md").is_file() and (tmp_path / "a" / "model").is_dir()
+
+
+def test_a_client_never_sends_a_non_finite_update(job_file, tmp_path):
+    """Issue 17, 6: training that ends in NaN (here: from a global model holding one) is refused at the client, as
+    a dropout with its reason, before anything is sent or recorded as sent."""
+    from securefed.errors import UpdateRefused
+
+    config = load_job(job_file).model_copy(update={"secagg": PlainSumConfig(mode="none", insecure=True)})
+    task = load_task(config)
+    weights = task.bundle.view.get().copy()
+    weights[0] = np.nan
+    client = make_client(task, 0, client_datasets(task)[0], run=RunDir.create(config, tmp_path / "r"))
+    with pytest.raises(UpdateRefused, match="NaN or inf"):
+        client.handle(TrainIns(round=1, spec=task.bundle.view.spec.digest, model=PlainModel(weights=weights)))
+    assert client.sent.rounds == set()

@@ -128,6 +128,26 @@ def test_fixed_point_sum_decodes_to_the_float_sum():
     assert enc.decode(enc.encode(np.array([1e9, -1e9]), rng)) == pytest.approx([50.0, -50.0], abs=1 / enc.scale)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_fixed_point_refuses_what_it_cannot_carry_instead_of_mapping_it_silently(bad):
+    """Issue 17, 6: NaN used to become 0 and inf the clip, spoiling the sum without a word."""
+    from securefed.errors import UpdateRefused
+
+    with pytest.raises(UpdateRefused, match="NaN or inf"):
+        FixedPoint(clip=50.0, parties=2).encode(np.array([1.0, bad]), np.random.default_rng(0))
+
+
+def test_a_client_whose_weight_exceeds_the_clip_refuses_to_upload(ready):
+    """Issue 17, 6: n_k above the clip used to be clipped, skewing FedAvg's mean without a word."""
+    from securefed.errors import UpdateRefused
+
+    vector = np.zeros(SIZE, dtype=np.float32)
+    vector[-1] = 2 * ready.settings.clip
+    with pytest.raises(UpdateRefused, match="exceeds the secure sum's clip"):
+        ready.clients[0].upload(2, vector)
+    ready.clients[0].upload(2, np.ones(SIZE, dtype=np.float32))  # refused, not spent: the round is still open
+
+
 # ---------------------------------------------------------------- exact sums and dropouts
 
 
@@ -261,7 +281,7 @@ def test_a_client_answers_one_unmask_request_per_round(ready):
 
 
 def test_a_client_never_masks_twice_with_the_same_round_keys(ready):
-    with pytest.raises(ProtocolError, match="masks are never reused"):
+    with pytest.raises(ProtocolError, match="already uploaded for round"):
         ready.clients[0].upload(1, vectors(6)[0])
 
 
@@ -480,7 +500,7 @@ def test_a_rebuilt_client_still_refuses_what_it_already_did(ready):
     fed = Reborn(ready.settings)
     fed.clients = ready.clients
     cid = 0
-    with pytest.raises(ProtocolError, match="masks are never reused"):
+    with pytest.raises(ProtocolError, match="already uploaded for round"):
         fed.client(cid).upload(1, np.zeros(SIZE, dtype=np.float32))
     neighbours = sorted(fed.client(cid)._setup.adverts)
     request = UnmaskRequest(round=1, survivors=tuple(neighbours), dropped=(), everyone=(), signatures=())
@@ -500,3 +520,27 @@ def test_a_damaged_state_is_refused_not_trusted(ready):
     for damage in ({"seeds": saved.seeds[:-1]}, {"held": saved.held[:-1]}, {"signed": (b"x",)}):
         with pytest.raises(ProtocolError, match="inconsistent"):
             SecAggPlusClient(0, ready.settings).restore(encode(dataclasses.replace(saved, **damage)))
+
+
+@pytest.mark.parametrize("kind", [Federation, Reborn], ids=["in-memory", "rebuilt-each-message"])
+def test_a_server_that_restarts_the_setup_gets_no_second_upload_for_a_round(kind):
+    """Issue 17, attack 1: sum round 1 over everyone, run a fresh setup, run round 1 again without client 1 and
+    subtract. Every client refuses to upload for round 1 again; the new setup still serves the other rounds."""
+    from securefed.interfaces import SumResult
+
+    fed = kind(make_settings(4))
+    fed.setup()
+    xs = vectors(4)
+    assert fed.round(1, xs).contributors == (0, 1, 2, 3)
+    fed.server = SecAggPlusServer(fed.settings)  # the server restarts, and sets up afresh
+    fed.setup()
+    for cid in (0, 2, 3):
+        with pytest.raises(ProtocolError, match="already uploaded for round 1"):
+            fed.client(cid).upload(1, xs[cid])
+    result = fed.round(2, xs)
+    assert isinstance(result, SumResult) and result.contributors == (0, 1, 2, 3)
+    np.testing.assert_array_equal(result.total, encoded_sum(fed.settings, 2, xs, range(4)))
+    fed.server = SecAggPlusServer(fed.settings)
+    fed.setup()  # and again: what was uploaded under any earlier setup is still refused
+    with pytest.raises(ProtocolError, match="already uploaded for round 2"):
+        fed.client(0).upload(2, xs[0])

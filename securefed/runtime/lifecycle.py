@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import job as jobs
-from ..errors import SecurefedError
+from ..errors import ClientBug, JobFailed, SecurefedError
 from ..interfaces import Grid, Observer
 from ..protocol import Message, PlainModel
 from ..report import write_report
 from ..rundir import RunDir
 from ..watermark.keys import WatermarkKey
+
+ERRORS = "errors.log"  # the tracebacks of bugs that stopped the job, in its run directory
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,21 @@ def conduct(task: jobs.Task, run: RunDir, grid: Grid, observer: Observer, *, res
             start = done + 1
             observer.notice(f"resuming after round {done} of {task.config.federation.rounds}")
         run.rollback_metrics(start - 1)
-    model = server.run(model, start)
+    try:
+        model = server.run(model, start)
+    except ClientBug as bug:  # its committed rounds stay, and the job resumes once the bug is fixed
+        with (run.path / ERRORS).open("a", encoding="utf-8") as log:
+            log.write(bug.details + "\n")
+        raise JobFailed(f"{bug} (a bug, not a dropout; the traceback is in {run.path / ERRORS})") from None
     weights = (open_model or _in_clear)(model)
     jobs.save_model(task, weights, run.model_dir)
     records = run.records()
     verdicts = [jobs.verify_key(task, weights, key).as_dict() for key in keys]
     write_report(run, task.config, records, verdicts)
+    ran = [r for r in records if r["round"] >= start]
+    if ran and all("aborted" in r for r in ran):
+        raise JobFailed(f"every round aborted (round {ran[-1]['round']}: {ran[-1]['aborted']}); the model in "
+                        f"{run.model_dir} is the one the job started from")
     return RunResult(run, weights, records, start - 1, verdicts)
 
 

@@ -2,7 +2,8 @@
 
 Messages are encoded, counted and decoded on the way down and up, exactly as a network
 runtime would carry them. A client that raises, or that the fault hook removes, is a
-dropout for that exchange; the job carries on.
+dropout for that exchange, and the job carries on, as long as what it raised is a SecurefedError; anything
+else is a bug, which stops the job (ClientBug).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .. import job as jobs
 from ..client import Client
 from ..config import JobConfig
 from ..data import EncodedDataset
-from ..errors import ProtocolError, RunDirError, SecurefedError
+from ..errors import ClientBug, ProtocolError, RunDirError, SecurefedError
 from ..interfaces import Exchange, Grid, Observer
 from ..protocol import Message, decode, encode
 from ..rundir import RunDir
@@ -47,10 +48,11 @@ class LocalGrid(Grid):
             computing = time.perf_counter()
             try:
                 wire = encode(self.clients[cid].handle(delivered))
-            except Exception as exc:  # a failing client is a dropout, never the end of the job
-                reason = str(exc) if isinstance(exc, SecurefedError) else f"{type(exc).__name__}: {exc}"
-                out.dropped[cid] = f"failed: {reason}"
+            except SecurefedError as exc:  # a refusal or a bad message: a dropout, and the job goes on
+                out.dropped[cid] = f"failed: {exc}"
                 continue
+            except Exception as exc:  # a bug is never passed off as a dropout
+                raise ClientBug(cid, exc) from exc
             finally:
                 out.client_seconds += time.perf_counter() - computing
             out.receive(cid, wire)

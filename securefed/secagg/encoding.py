@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UpdateRefused
+
 _HALF = 2**31
 
 
@@ -22,6 +24,9 @@ class FixedPoint:
         self.scale = (_HALF - 1 - parties) / (parties * self.clip)
 
     def encode(self, vector: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Entries beyond ±clip are clipped (each party's pull on the sum is bounded); NaN and inf are refused."""
+        if not np.isfinite(vector).all():
+            raise UpdateRefused("the vector holds NaN or inf, which no fixed-point encoding carries")
         scaled = np.clip(np.asarray(vector, dtype=np.float64), -self.clip, self.clip) * self.scale
         low = np.floor(scaled)
         rounded = low + (rng.random(scaled.shape) < scaled - low)

@@ -32,7 +32,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from ..errors import ProtocolError, RoundAborted, SetupFailed
+from ..errors import ProtocolError, RoundAborted, SetupFailed, UpdateRefused
 from ..interfaces import SumClient, SumResult, SumServer
 from ..protocol import Array, MaxLen, Message, decode, encode, message
 from ..seeding import stream
@@ -147,6 +147,7 @@ class ClientState(Message):
     held: Ciphertexts
     ready: bool
     uploaded: Ids
+    earlier: Ids  # uploaded for under an earlier setup
     signed_rounds: Ids
     signed: Ciphertexts  # each round's signed survivor list, as int64s
     answered: Ids
@@ -213,6 +214,7 @@ class _Setup:
     held: dict[int, bytes] = field(default_factory=dict)  # neighbour → its shares for every round
     ready: bool = False
     uploaded: set[int] = field(default_factory=set)
+    earlier: set[int] = field(default_factory=set)  # rounds uploaded for under an earlier setup: never again
     signed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # round → the survivor list signed
     answered: set[int] = field(default_factory=set)
 
@@ -250,7 +252,8 @@ class SecAggPlusClient(SumClient):
             seeds=_table(setup.seeds[r] for r in kept), adverts=tuple(setup.adverts[v] for v in sorted(setup.adverts)),
             own_shares=setup.own_shares, holders=tuple(sorted(setup.held)),
             held=tuple(setup.held[v] for v in sorted(setup.held)), ready=setup.ready,
-            uploaded=tuple(sorted(setup.uploaded)), signed_rounds=tuple(sorted(setup.signed)),
+            uploaded=tuple(sorted(setup.uploaded)), earlier=tuple(sorted(setup.earlier)),
+            signed_rounds=tuple(sorted(setup.signed)),
             signed=tuple(np.array(setup.signed[r], dtype="<i8").tobytes() for r in sorted(setup.signed)),
             answered=tuple(sorted(setup.answered))))
 
@@ -267,7 +270,7 @@ class SecAggPlusClient(SumClient):
             mask_keys={r: X25519PrivateKey.from_private_bytes(bytes(k)) for r, k in zip(s.secret_rounds, s.mask_keys)},
             seeds={r: bytes(seed) for r, seed in zip(s.secret_rounds, s.seeds)},
             adverts={a.client: a for a in s.adverts}, own_shares=s.own_shares, held=dict(zip(s.holders, s.held)),
-            ready=s.ready, uploaded=set(s.uploaded),
+            ready=s.ready, uploaded=set(s.uploaded), earlier=set(s.earlier),
             signed={r: tuple(int(v) for v in np.frombuffer(b, dtype="<i8")) for r, b in zip(s.signed_rounds, s.signed)},
             answered=set(s.answered))
 
@@ -275,9 +278,12 @@ class SecAggPlusClient(SumClient):
         if not 1 <= start.first_round <= start.last_round <= self.settings.rounds:
             raise ProtocolError(f"SetupStart names rounds {start.first_round}..{start.last_round}")
         rounds = range(start.first_round, start.last_round + 1)
+        # A new setup replaces any earlier one, with fresh secrets, but not the rounds already uploaded for: a
+        # server that restarted the setup and ran an uploaded round again without one client could subtract.
+        earlier = self._setup.uploaded | self._setup.earlier if self._setup is not None else set()
         setup = _Setup(rounds, X25519PrivateKey.generate(), {r: X25519PrivateKey.generate() for r in rounds},
-                       {r: os.urandom(32) for r in rounds})
-        self._setup = setup  # a new setup replaces any earlier one, with fresh secrets
+                       {r: os.urandom(32) for r in rounds}, earlier=earlier)
+        self._setup = setup
         advert = KeyAdvert(
             client=self.cid, first_round=rounds.start, channel_key=public_bytes(setup.channel),
             mask_keys=_table(public_bytes(setup.mask_keys[r]) for r in rounds),
@@ -343,8 +349,11 @@ class SecAggPlusClient(SumClient):
         setup = self._stage("an upload", lambda s: s.ready)
         if round not in setup.rounds:
             raise ProtocolError(f"the secure-aggregation setup does not cover round {round}")
-        if round in setup.uploaded:
-            raise ProtocolError(f"already uploaded for round {round}: masks are never reused")
+        if round in setup.uploaded or round in setup.earlier:
+            raise ProtocolError(f"refused: already uploaded for round {round}, which is never uploaded for twice")
+        if not abs(float(vector[-1])) <= self.settings.clip:  # n_k, FedAvg's weight: clipped, it would skew the mean
+            raise UpdateRefused(f"this client's weight {float(vector[-1]):g} (its examples) exceeds the secure sum's "
+                                f"clip {self.settings.clip:g}: raise [secagg] clip")
         setup.uploaded.add(round)
         size = len(vector)
         masked = self.settings.encoding.encode(vector, stream(self.settings.seed, "secagg-rounding", round, self.cid))
