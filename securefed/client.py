@@ -96,7 +96,9 @@ class Client:
         n_k go into the secure sum."""
         started = time.perf_counter()
         weights = self.open(ins.model, ins.spec, ins.round)
-        self.sent.check(ins.round)  # before training: a round already sent costs nothing more
+        # before training: a round that would be refused costs nothing, not even privacy
+        self.sent.check(ins.round)
+        self.secure_sum.admit(ins.round, float(self.examples))
         metrics: dict[str, float] = {}
         vector = self.wrapper.replay(ins.round, weights) if self.wrapper else None
         if vector is None:

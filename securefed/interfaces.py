@@ -59,6 +59,10 @@ class SumClient(ABC):
             raise ProtocolError(f"the global model has {model.weights.shape[0]} weights, this model has {size}")
         return model.weights
 
+    def admit(self, round: int, weight: float) -> None:  # noqa: B027 - most sums take any round's upload
+        """Raise a SecurefedError, before the client trains (and, under DP, spends), if `upload` would refuse the
+        round or this client's weight n_k."""
+
     def state(self) -> bytes:
         """The protocol state, for a runtime that runs each message in a new process (Flower); empty when none."""
         return b""

@@ -24,7 +24,7 @@ class ScriptedClient:
 
     def handle(self, msg: TrainIns) -> TrainRes:
         if msg.round == self.fail_in_round:
-            raise RuntimeError("disk full")
+            raise OSError(28, "No space left on device")
         vector = np.append(self.examples * (self.local - msg.model.weights), self.examples).astype(np.float32)
         return TrainRes(round=msg.round, metrics={"loss": 1.0}, upload=self.secure_sum.upload(msg.round, vector))
 

@@ -460,3 +460,30 @@ def test_the_supernode_launcher_shortens_only_the_sleeps_of_flowers_node_loop(mo
     assert start_client_internal.time.monotonic is time.monotonic  # the rest of the clock is the real one
     assert time.sleep is not start_client_internal.time.sleep  # the module `time` itself is untouched
     assert not shorten_sleeps(start_client_internal)  # once only
+
+
+def test_a_node_answers_one_message_at_a_time_for_a_job(tmp_path):
+    """Flower's per-message processes may overlap; the node's state, sent record and ledger are read then written,
+    so a second message waits for the first to finish."""
+    import threading
+
+    from securefed.rundir import RunDir
+    from securefed.runtime.node import exclusive
+
+    run = RunDir(tmp_path)
+    order, inside = [], threading.Event()
+
+    def second():
+        inside.wait()
+        with exclusive(run):
+            order.append("second")
+
+    other = threading.Thread(target=second)
+    other.start()
+    with exclusive(run):
+        inside.set()
+        other.join(timeout=0.5)
+        assert other.is_alive()  # still waiting for the lock
+        order.append("first")
+    other.join(timeout=10)
+    assert order == ["first", "second"]

@@ -144,6 +144,8 @@ def test_a_client_whose_weight_exceeds_the_clip_refuses_to_upload(ready):
     vector = np.zeros(SIZE, dtype=np.float32)
     vector[-1] = 2 * ready.settings.clip
     with pytest.raises(UpdateRefused, match="exceeds the secure sum's clip"):
+        ready.clients[0].admit(2, vector[-1])  # asked before training: a DP client spends nothing on it
+    with pytest.raises(UpdateRefused, match="exceeds the secure sum's clip"):
         ready.clients[0].upload(2, vector)
     ready.clients[0].upload(2, np.ones(SIZE, dtype=np.float32))  # refused, not spent: the round is still open
 

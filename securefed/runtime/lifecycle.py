@@ -54,10 +54,9 @@ def conduct(task: jobs.Task, run: RunDir, grid: Grid, observer: Observer, *, res
     records = run.records()
     verdicts = [jobs.verify_key(task, weights, key).as_dict() for key in keys]
     write_report(run, task.config, records, verdicts)
-    ran = [r for r in records if r["round"] >= start]
-    if ran and all("aborted" in r for r in ran):
-        raise JobFailed(f"every round aborted (round {ran[-1]['round']}: {ran[-1]['aborted']}); the model in "
-                        f"{run.model_dir} is the one the job started from")
+    if records and all("aborted" in r for r in records):  # a resumed round may abort; a whole job should not
+        raise JobFailed(f"every round aborted (round {records[-1]['round']}: {records[-1]['aborted']}); the model "
+                        f"in {run.model_dir} is the one the job started from")
     return RunResult(run, weights, records, start - 1, verdicts)
 
 

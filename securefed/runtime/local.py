@@ -2,8 +2,8 @@
 
 Messages are encoded, counted and decoded on the way down and up, exactly as a network
 runtime would carry them. A client that raises, or that the fault hook removes, is a
-dropout for that exchange, and the job carries on, as long as what it raised is a SecurefedError; anything
-else is a bug, which stops the job (ClientBug).
+dropout for that exchange, and the job carries on, as long as what it raised is a SecurefedError or an OSError
+(the machine, not the code); anything else is a bug, which stops the job (ClientBug).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class LocalGrid(Grid):
             computing = time.perf_counter()
             try:
                 wire = encode(self.clients[cid].handle(delivered))
-            except SecurefedError as exc:  # a refusal or a bad message: a dropout, and the job goes on
-                out.dropped[cid] = f"failed: {exc}"
+            except (SecurefedError, OSError) as exc:  # a refusal, a bad message, a failing disk: a dropout
+                out.dropped[cid] = f"failed: {exc if isinstance(exc, SecurefedError) else repr(exc)}"
                 continue
             except Exception as exc:  # a bug is never passed off as a dropout
                 raise ClientBug(cid, exc) from exc

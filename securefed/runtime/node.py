@@ -7,12 +7,14 @@ each time. Nothing here imports flwr: the Flower types stay in flower.py.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,21 +104,34 @@ def answer(app: AppConfig, node: Node, flower_run: int, wire: bytes, sealed: byt
         check_deployable(app.job)
         request = decode(wire)
         run = node.run_dir(app.job)
-        keeper = NodeState(run, app.job, node.client, flower_run)
-        sum_client = secure_sum(app.job).client(node.client)
-        sum_client.restore(keeper.open(sealed))
-        try:
-            if isinstance(request, TrainIns):  # a node holds no dev split: it never evaluates (EvaluateIns is CKKS's)
-                reply = _train(app, node, run, sum_client, request)
-            else:
-                reply = sum_client.reply(request)
-        finally:  # what the client did (an upload's round, a revealed share) must hold even if the reply is lost
-            state = keeper.seal(sum_client.state())
+        with exclusive(run):
+            keeper = NodeState(run, app.job, node.client, flower_run)
+            sum_client = secure_sum(app.job).client(node.client)
+            sum_client.restore(keeper.open(sealed))
+            try:
+                if isinstance(request, TrainIns):  # a node holds no dev split: it never evaluates (CKKS's EvaluateIns)
+                    reply = _train(app, node, run, sum_client, request)
+                else:
+                    reply = sum_client.reply(request)
+            finally:  # what the client did (an upload's round, a revealed share) must hold even if the reply is lost
+                state = keeper.seal(sum_client.state())
         return Answer(encode(reply), None, state, time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - the reason travels to the server, which counts the node out
         if not isinstance(exc, SecurefedError):  # a bug, not bad input: its traceback stays in the node's log
             traceback.print_exc(file=sys.stderr)
         return Answer(None, f"{type(exc).__name__}: {exc}", state, time.perf_counter() - started)
+
+
+@contextmanager
+def exclusive(run: RunDir):
+    """One message at a time for this node and job. Flower's own subprocess isolation (`--no-worker`) may start the
+    next message's process before the last one has finished, and the sealed state, the record of the rounds sent
+    and the ledger are each read and then written: run side by side, one would undo the other."""
+    path = run.path / "secrets" / "node.lock"
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 # The task a node last loaded: the model, its tokenized partition, Opacus's wrapper. The executor keeps it

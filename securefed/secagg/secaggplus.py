@@ -345,15 +345,19 @@ class SecAggPlusClient(SumClient):
         setup.held, setup.ready = held, True
         return SetupDone(neighbours=len(held))
 
-    def upload(self, round: int, vector: np.ndarray) -> MaskedUpload:
+    def admit(self, round: int, weight: float) -> _Setup:
         setup = self._stage("an upload", lambda s: s.ready)
         if round not in setup.rounds:
             raise ProtocolError(f"the secure-aggregation setup does not cover round {round}")
         if round in setup.uploaded or round in setup.earlier:
             raise ProtocolError(f"refused: already uploaded for round {round}, which is never uploaded for twice")
-        if not abs(float(vector[-1])) <= self.settings.clip:  # n_k, FedAvg's weight: clipped, it would skew the mean
-            raise UpdateRefused(f"this client's weight {float(vector[-1]):g} (its examples) exceeds the secure sum's "
-                                f"clip {self.settings.clip:g}: raise [secagg] clip")
+        if not abs(weight) <= self.settings.clip:  # n_k, FedAvg's weight: clipped, it would skew the mean
+            raise UpdateRefused(f"this client's weight {weight:g} (its examples) exceeds the secure sum's clip "
+                                f"{self.settings.clip:g}: raise [secagg] clip")
+        return setup
+
+    def upload(self, round: int, vector: np.ndarray) -> MaskedUpload:
+        setup = self.admit(round, float(vector[-1]))
         setup.uploaded.add(round)
         size = len(vector)
         masked = self.settings.encoding.encode(vector, stream(self.settings.seed, "secagg-rounding", round, self.cid))
