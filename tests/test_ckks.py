@@ -171,7 +171,40 @@ def test_a_ciphertext_stripped_of_its_content_is_refused_before_tenseal_touches_
     uploads[1] = CkksUpload(round=1, chunks=(bytes(hollow), uploads[1].chunks[1]))
     fed.server.open(1, range(3), D + 1)
     result = fed.server.step(uploads)  # adding it would crash the native library
-    assert result.contributors == (0, 2) and "does not match" in result.rejected[1]
+    assert result.contributors == (0, 2) and "one ciphertext" in result.rejected[1]
+
+
+@pytest.mark.parametrize("forge", ["thousands-of-ciphertexts", "two-ciphertexts", "oversized", "not-protobuf"])
+def test_a_chunk_tenseal_would_choke_on_is_refused_from_its_wire_form(forge, monkeypatch):
+    """Issue 17, attack 3: TenSEAL allocated for every ciphertext a chunk listed before checking any (145 KB listing
+    many tiny ones took about 2 GiB). The chunk's protobuf is read first, and TenSEAL never sees these."""
+    from securefed.secagg import ckks
+    from securefed.secagg.ckks_wire import _vector_message
+
+    fed = Federation(3)
+    fed.setup()
+    uploads = fed.uploads(1, *scenario(3))
+    real = _vector_message()()
+    real.ParseFromString(uploads[1].chunks[0])
+    forged = _vector_message()(sizes=list(real.sizes), scale=real.scale)
+    if forge == "thousands-of-ciphertexts":
+        forged.ciphertexts.extend([real.ciphertexts[0][:16]] * 8000)  # SEAL headers alone
+    elif forge == "two-ciphertexts":
+        forged.ciphertexts.extend([real.ciphertexts[0]] * 2)
+    else:
+        forged.ciphertexts.append(real.ciphertexts[0] * 3)
+    wire = b"\xff" * 64 if forge == "not-protobuf" else forged.SerializeToString()
+    parsed = []
+    tenseal_parse = ckks.ts.ckks_vector_from
+    monkeypatch.setattr(ckks.ts, "ckks_vector_from", lambda context, data: parsed.append(data) or
+                        tenseal_parse(context, data))  # the real parser, watched
+    uploads[1] = CkksUpload(round=1, chunks=(wire, uploads[1].chunks[1]))
+    fed.server.open(1, range(3), D + 1)
+    result = fed.server.step(uploads)
+    assert result.contributors == (0, 2) and 1 in result.rejected
+    assert wire not in parsed and len(parsed) == 4  # clients 0 and 2, two chunks each
+    with pytest.raises(ProtocolError, match="CKKS (vector|ciphertext)"):  # a client refuses it as a sealed model too
+        fed.clients[0].open_model(CkksSum(round=1, size=D, chunks=(wire, uploads[0].chunks[1])), D)
 
 
 def test_garbage_ciphertexts_are_rejected_not_summed():

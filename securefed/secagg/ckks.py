@@ -39,6 +39,7 @@ from ..protocol import MaxLen, Message, message
 from ..weighting import BY_EXAMPLES, Weighting
 from . import identity
 from .channel import channel_key, check_public_key, public_bytes, seal, unseal
+from .ckks_wire import check_vector_wire
 
 POLY_DEGREE = 8192
 COEFF_BITS = [60, 60]
@@ -48,6 +49,8 @@ MAX_CLIENTS = 1_500  # the key bundle of n−1 sealed secret keys (131 KB each) 
 WEIGHT_UNIT = 1024.0  # n_k travels as n_k / 1024, so that sums over large datasets stay in range
 MAX_SLOT = 2.0**18  # a summed slot must stay below 2^19 (60-bit modulus at scale 2^40); a margin of 2
 _TENSEAL_ERRORS = (ValueError, RuntimeError, TypeError, IndexError)
+# two polynomials of N coefficients per modulus, 8 bytes each, uncompressed, and room for SEAL's header
+MAX_CIPHERTEXT = 2 * POLY_DEGREE * len(COEFF_BITS) * 8 + 4096
 
 Key32 = Annotated[bytes, MaxLen(32)]
 Ids = Annotated[tuple[int, ...], MaxLen(MAX_CLIENTS)]
@@ -137,6 +140,7 @@ def chunk_sizes(entries: int) -> list[int]:
 
 def checked_vector(context: ts.Context, data: bytes, slots: int) -> ts.CKKSVector:
     """A peer's ciphertext, refused unless it is exactly what this job's parameters produce."""
+    check_vector_wire(data, slots, MAX_CIPHERTEXT)
     try:
         vector = ts.ckks_vector_from(context, data)
         parts = vector.ciphertext()
