@@ -235,3 +235,23 @@ def test_tuples_of_bytes_and_of_messages_round_trip_within_their_bounds():
     many = wire.replace(struct.pack("<I", 1) + struct.pack("<I", 2), struct.pack("<I", 2**31) + struct.pack("<I", 2))
     with pytest.raises(ProtocolError, match="entries exceed 3"):
         decode(many)
+
+
+def test_decoding_a_nested_message_takes_at_most_twice_its_size():
+    """Issue 17, 6: each level of nesting used to copy the whole inner message twice (about 8x at depth 3)."""
+    import tracemalloc
+
+    msg = PlainUpload(round=1, vector=np.ones(2_000_000, dtype=np.float32))
+    for _ in range(2):
+        msg = TrainRes(round=1, metrics={"loss": 1.0}, upload=msg)
+    wire = encode(msg)
+    tracemalloc.start()
+    try:
+        decoded = decode(wire)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= 2 * len(wire), peak / len(wire)
+    np.testing.assert_array_equal(decoded.upload.upload.vector, msg.upload.upload.vector)
+    from_buffer = decode(bytearray(wire))  # a mutable buffer is read from a snapshot of it
+    np.testing.assert_array_equal(from_buffer.upload.upload.vector, msg.upload.upload.vector)

@@ -281,7 +281,14 @@ def decode(
         raise ProtocolError("malformed message: not a contiguous byte buffer") from None
     if len(data) > max_bytes:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
-    reader = _Reader(bytes(data), "message")
+    if not isinstance(data.obj, bytes):  # a snapshot of a buffer that could change while it is read
+        data = memoryview(bytes(data))
+    return _decode(data, expect, max_bytes, _depth)
+
+
+def _decode(data: memoryview, expect, max_bytes: int, _depth: int) -> Message:
+    """Decode from a view that stays valid: nested messages are read in place, never copied."""
+    reader = _Reader(data, "message")
     if bytes(reader.take(3, "magic")) != MAGIC:
         reader.fail("not a securefed message (bad magic)")
     version, tag, count = reader.unpack("<BHH", "header")
@@ -389,8 +396,7 @@ def _decode_nested(reader: _Reader, field: _Field, max_bytes: int, depth: int) -
     if depth + 1 >= MAX_DEPTH:
         reader.fail(f"{item}: messages nested deeper than {MAX_DEPTH}")
     (n,) = reader.unpack("<I", item)
-    inner = bytes(reader.take(n, item))
-    return decode(inner, field.message_types or None, max_bytes=max_bytes, _depth=depth + 1)
+    return _decode(reader.take(n, item), field.message_types or None, max_bytes, depth + 1)
 
 
 def _decode_array(reader: _Reader, field: _Field) -> np.ndarray:
