@@ -33,6 +33,7 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
 from flwr.supercore.interceptors.http.runtime_token import RuntimeTokenHttpInterceptor
+from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
@@ -152,9 +153,14 @@ class Executor:
             client.close()
 
     def _client(self, interceptor) -> RuntimeHttpClient:
+        # A connection that breaks (the SuperNode closed a kept-alive one while the task trained) is tried again
+        # on a new one, as flwr-clientapp's own client does; any answer the SuperNode gives is final.
+        retry = RetryInvoker(lambda: exponential(base_delay=0.2, max_delay=2), httpx.TransportError, max_tries=5,
+                             max_time=30.0)
         return RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), interceptor])
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), interceptor],
+            retry_invoker=retry)
 
 
 def prepare_training() -> None:
