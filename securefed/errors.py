@@ -1,8 +1,11 @@
-"""Exceptions that describe a user's mistake or a bad peer, never a bug.
+"""Exceptions that describe a user's mistake or a bad peer, never a bug of securefed's own process.
 
 The CLI prints any `SecurefedError` as one line and exits with code 2. Everything
-else is a bug and keeps its traceback.
+else is a bug and keeps its traceback; a client's bug that stops an in-process job
+travels as `ClientBug` (then `JobFailed`), its traceback kept for the run's errors.log.
 """
+
+import traceback
 
 
 class SecurefedError(Exception):
@@ -50,8 +53,6 @@ class ClientBug(SecurefedError):
     of passing for a dropout. `details` holds its traceback."""
 
     def __init__(self, client: int, exc: BaseException):
-        import traceback
-
         self.details = "".join(traceback.format_exception(exc))
         super().__init__(f"client {client} failed with {type(exc).__name__}: {exc}".splitlines()[0])
 

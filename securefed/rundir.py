@@ -81,21 +81,26 @@ class RunDir:
         """
         return int.from_bytes(self._secret(name, 8), "big") >> 1
 
+    def private_file(self, name: str) -> Path:
+        """`secrets/<name>`, in the folder (mode 0700, made on first use) of what the clients keep from the server."""
+        folder = self.path / "secrets"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return folder / name
+
     def sent_rounds_file(self, client: int) -> Path:
         """Where client `client` records the rounds it sent an update for (sent.py)."""
-        return self.path / "secrets" / f"sent-rounds-client-{client}"
+        return self.private_file(f"sent-rounds-client-{client}")
 
     def secret_key(self, name: str) -> bytes:
         """A 256-bit key kept like `secret`."""
         key = self._secret(name, 32)
         if len(key) != 32:
-            raise RunDirError(f"{self.path / 'secrets' / name}: not a 256-bit key")
+            raise RunDirError(f"{self.private_file(name)}: not a 256-bit key")
         return key
 
     def _secret(self, name: str, size: int) -> bytes:
-        path = self.path / "secrets" / name
+        path = self.private_file(name)
         if not path.exists():
-            path.parent.mkdir(mode=0o700, exist_ok=True)
             tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w", encoding="ascii") as fh:

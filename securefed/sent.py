@@ -37,6 +37,5 @@ class SentRounds:
         """Record `round` as sent, durably, or refuse it if it was sent before."""
         self.check(round)
         if self.path is not None:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_atomic(self.path, "".join(f"{r}\n" for r in sorted(self.rounds | {round})).encode("ascii"))
         self.rounds.add(round)

@@ -456,9 +456,7 @@ class Loopback:
                 self.register(cid)
                 folder = self.root / "nodes" / f"client-{cid}"
                 if dp_secret:
-                    secrets = node_run_dir(config, folder, cid).path / "secrets"
-                    secrets.mkdir(mode=0o700, exist_ok=True)
-                    (secrets / "dp").write_text(dp_secret + "\n", encoding="ascii")
+                    node_run_dir(config, folder, cid).private_file("dp").write_text(dp_secret + "\n", encoding="ascii")
                 data = next((self.root / "parts").glob(f"client-{cid}.*"))
                 nodes.append(f"node-{cid}")
                 self.join(nodes[-1], job, cid, cid, data, folder, (watermark_keys or {}).get(cid), threads)

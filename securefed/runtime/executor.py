@@ -90,7 +90,8 @@ class Executor:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def _serve(self) -> None:
-        runtime = self._client(SuperExecAuthHttpInterceptor(master_secret=self.secret, protected_methods={_ACQUIRE}))
+        runtime = self._client(SuperExecAuthHttpInterceptor(master_secret=self.secret, protected_methods={_ACQUIRE}),
+                               retrying=False)  # this loop asks again itself
         refused = 0
         try:
             while not self._stop.is_set():
@@ -152,11 +153,11 @@ class Executor:
                 heartbeat.stop()
             client.close()
 
-    def _client(self, interceptor) -> RuntimeHttpClient:
-        # A connection that breaks (the SuperNode closed a kept-alive one while the task trained) is tried again
-        # on a new one, as flwr-clientapp's own client does; any answer the SuperNode gives is final.
+    def _client(self, interceptor, retrying: bool = True) -> RuntimeHttpClient:
+        # A task's connection that breaks (the SuperNode closed a kept-alive one while the task trained) is tried
+        # again on a new one, as flwr-clientapp's own client does; any answer the SuperNode gives is final.
         retry = RetryInvoker(lambda: exponential(base_delay=0.2, max_delay=2), httpx.TransportError, max_tries=5,
-                             max_time=30.0)
+                             max_time=30.0) if retrying else None
         return RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=True, root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), interceptor],

@@ -68,7 +68,7 @@ class NodeState:
 
     def __init__(self, run: RunDir, job: JobConfig, client: int, flower_run: int):
         self.key = run.secret_key("node-state")
-        self.anchor = run.path / "secrets" / f"state-of-run-{flower_run}.sha256"
+        self.anchor = run.private_file(f"state-of-run-{flower_run}.sha256")
         self.binding = {"job": job.job_id, "stage": f"node-state/{flower_run}", "sender": client, "recipient": client}
 
     def open(self, sealed: bytes | None) -> bytes:
@@ -127,9 +127,7 @@ def exclusive(run: RunDir):
     """One message at a time for this node and job. Flower's own subprocess isolation (`--no-worker`) may start the
     next message's process before the last one has finished, and the sealed state, the record of the rounds sent
     and the ledger are each read and then written: run side by side, one would undo the other."""
-    path = run.path / "secrets" / "node.lock"
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    with open(path, "a") as handle:
+    with open(run.private_file("node.lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
         yield
 
