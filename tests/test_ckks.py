@@ -204,7 +204,8 @@ def test_a_chunk_tenseal_would_choke_on_is_refused_from_its_wire_form(forge, mon
     assert result.contributors == (0, 2) and 1 in result.rejected
     assert wire not in parsed and len(parsed) == 4  # clients 0 and 2, two chunks each
     with pytest.raises(ProtocolError, match="CKKS (vector|ciphertext)"):  # a client refuses it as a sealed model too
-        fed.clients[0].open_model(CkksSum(round=1, size=D, chunks=(wire, uploads[0].chunks[1])), D)
+        fed.clients[0].open_model(CkksSum(round=1, size=D, contributors=(0, 2),
+                                                 chunks=(wire, uploads[0].chunks[1])), D)
 
 
 def test_garbage_ciphertexts_are_rejected_not_summed():
@@ -223,11 +224,55 @@ def test_garbage_ciphertexts_are_rejected_not_summed():
         fed.server.step({})
 
 
+def _forged_sum(fed: Federation, number: int, uploads: dict[int, CkksUpload], copies: dict[int, int], named):
+    """What a server can make without the key: any integer combination of the uploads it holds."""
+    import tenseal as ts
+
+    total = None
+    for cid, times in copies.items():
+        for _ in range(times):
+            vectors = [ts.ckks_vector_from(fed.server._context, c) for c in uploads[cid].chunks]
+            total = vectors if total is None else [t + v for t, v in zip(total, vectors)]
+    return CkksSum(round=number, size=D, contributors=tuple(named), chunks=tuple(t.serialize() for t in total))
+
+
+@pytest.mark.parametrize("forge", ["one-upload", "one-upload-named-with-others", "three-copies-of-one",
+                                   "a-sum-missing-one", "one-upload-twice-with-another", "last-round-sum"])
+def test_a_client_opens_only_a_sum_of_exactly_the_contributors_it_names(forge):
+    """Issue 17, attack 4: a server returned client 1's upload (or k copies) as the sealed model, and every
+    other client opened it and read client 1's model and example count. Tags from a key the server never
+    holds make each sum prove whom it holds."""
+    fed = Federation(4)
+    fed.setup()
+    start, locals_, sizes = scenario(4)
+    uploads = fed.uploads(2, start, locals_, sizes)
+    earlier = fed.uploads(1, start, locals_, sizes)
+    fed.clients[3]._opened.clear()  # this client will be shown the forgery as round 2's first sum
+    forged = {
+        "one-upload": lambda: _forged_sum(fed, 2, uploads, {1: 1}, [1]),
+        "one-upload-named-with-others": lambda: _forged_sum(fed, 2, uploads, {1: 1}, [0, 1, 2]),
+        "three-copies-of-one": lambda: _forged_sum(fed, 2, uploads, {1: 3}, [0, 1, 2]),
+        "a-sum-missing-one": lambda: _forged_sum(fed, 2, uploads, {0: 1, 1: 1}, [0, 1, 2]),
+        "one-upload-twice-with-another": lambda: _forged_sum(fed, 2, uploads, {0: 1, 1: 2}, [0, 1]),
+        "last-round-sum": lambda: _forged_sum(fed, 2, earlier, {0: 1, 1: 1, 2: 1}, [0, 1, 2]),
+    }[forge]()
+    match = "at least two" if forge == "one-upload" else "not the sum of the . contributors it names"
+    with pytest.raises(ProtocolError, match=match):
+        fed.clients[3].open_model(decode(encode(forged)), D)
+    fed.server.open(2, range(4), D + 1)
+    honest = fed.server.step({c: uploads[c] for c in (0, 1, 2)})
+    fed.clients[2].open_model(decode(encode(honest.sealed)), D)  # the same combination, named truly, opens
+    if forge == "a-sum-missing-one":  # and a client opens one sum per round: no picking subsets one by one
+        fed.clients[2].open_model(decode(encode(honest.sealed)), D)
+        with pytest.raises(ProtocolError, match="second, different sealed sum of round 2"):
+            fed.clients[2].open_model(_forged_sum(fed, 2, uploads, {0: 1, 1: 1}, [0, 1]), D)
+
+
 def test_a_sealed_model_of_the_wrong_shape_is_refused():
     fed = Federation(2)
     fed.setup()
     with pytest.raises(ProtocolError, match="holds 10 weights"):
-        fed.clients[0].open_model(CkksSum(round=1, size=10, chunks=(b"x",)), D)
+        fed.clients[0].open_model(CkksSum(round=1, size=10, contributors=(0, 1), chunks=(b"x",)), D)
 
 
 def _valid_wires() -> list[bytes]:

@@ -8,13 +8,21 @@ Setup, once per job (three exchanges):
   3. KeyDelivery → KeyReceived: each client checks the holder's advert and loads the secret context.
 The server makes its own context from the fixed parameters, without a secret key.
 
-Per round, clients upload CKKS encryptions of [w_k·θ_k, w_k, 1/1024], w_k = n_k / 1024 (their weighted
-local model, weight and a count), in chunks of N/2 slots; per-client entries (the watermark carrier) go
-unweighted. The server adds them and the encrypted sum becomes the next global model: a client opens it
-as Σ w_k·θ_k / Σ w_k, which is FedAvg, per-client entries over the count. The server never sees a model
-in clear. Every ciphertext from a peer is checked (one ciphertext of two polynomials, at the first
-level, scale 2^40, NTT form, exact slot count) before TenSEAL adds or decrypts it: malformed ones
-would crash the native library.
+Per round, clients upload CKKS encryptions of [w_k·θ_k, w_k, 1/1024, tags_k], w_k = n_k / 1024 (their
+weighted local model, weight, a count and contributor tags), in chunks of N/2 slots; per-client entries
+(the watermark carrier) go unweighted. The server adds them and the encrypted sum becomes the next global
+model: a client opens it as Σ w_k·θ_k / Σ w_k, which is FedAvg, per-client entries over the count. The
+server never sees a model in clear.
+
+Contributor tags: the key holder also seals a random tag key with the secret key. Client k's tags for round
+r are TAGS pseudo-random values in [0, 1) from that key, which the server never holds. A sealed sum names
+its contributors, and a client opens it only if its tag slots hold the sum of exactly those clients' tags
+(and it names at least two): a server that returns one client's upload, k copies of it, or any other
+combination it can compute without the tags, is caught.
+
+Every ciphertext from a peer is checked (one ciphertext of two polynomials, at the first level, scale
+2^40, NTT form, exact slot count) before TenSEAL adds or decrypts it: malformed ones would crash the
+native library.
 
 Parameters: N = 8192, coefficient moduli [60, 60] bits, scale 2^40, symmetric encryption. Summation
 needs no multiplication, so one data level is enough; that keeps ciphertexts about 8× the float32
@@ -24,6 +32,8 @@ client can decrypt every upload (docs/security.md).
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated
@@ -35,11 +45,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ..errors import ProtocolError, RoundAborted, SetupFailed
 from ..interfaces import SealedSum, SumClient, SumServer
-from ..protocol import MaxLen, Message, message
+from ..protocol import MaxLen, Message, encode, message
 from ..weighting import BY_EXAMPLES, Weighting
 from . import identity
 from .channel import channel_key, check_public_key, public_bytes, seal, unseal
 from .ckks_wire import check_vector_wire
+from .prg import derive_key, expand
 
 POLY_DEGREE = 8192
 COEFF_BITS = [60, 60]
@@ -51,6 +62,9 @@ MAX_SLOT = 2.0**18  # a summed slot must stay below 2^19 (60-bit modulus at scal
 _TENSEAL_ERRORS = (ValueError, RuntimeError, TypeError, IndexError)
 # two polynomials of N coefficients per modulus, 8 bytes each, uncompressed, and room for SEAL's header
 MAX_CIPHERTEXT = 2 * POLY_DEGREE * len(COEFF_BITS) * 8 + 4096
+TAGS = 4  # contributor tag slots: a forged sum passes with probability about (2·TAG_TOLERANCE)^TAGS
+TAG_TOLERANCE = 1e-5  # CKKS noise on a summed slot is below 1e-7 here, even over MAX_CLIENTS uploads
+TAG_KEY_BYTES = 32
 
 Key32 = Annotated[bytes, MaxLen(32)]
 Ids = Annotated[tuple[int, ...], MaxLen(MAX_CLIENTS)]
@@ -98,7 +112,7 @@ class KeyReceived(Message):
 @message(70)
 class CkksUpload(Message):
     round: int
-    chunks: Chunks  # CKKS vectors of [w_k·θ_k, w_k], N/2 slots each
+    chunks: Chunks  # CKKS vectors of [w_k·θ_k, w_k, count, tags], N/2 slots each
 
 
 @message(71)
@@ -106,7 +120,8 @@ class CkksSum(Message):
     """The sealed global model: the encrypted sum of the uploads, which only clients can open."""
 
     round: int
-    size: int  # entries in the model (the sum has one more: Σ w_k)
+    size: int  # entries in the model (the sum also holds Σ w_k, the count and the tags)
+    contributors: Ids  # whose uploads the sum holds, ascending: the tags must say the same
     chunks: Chunks
 
 
@@ -136,6 +151,17 @@ def load_context(data: bytes, *, secret: bool) -> ts.Context:
 
 def chunk_sizes(entries: int) -> list[int]:
     return [min(SLOTS, entries - i) for i in range(0, entries, SLOTS)]
+
+
+def sealed_entries(model_size: int) -> int:
+    """Slots a sealed vector takes for a model of `model_size` values: and w_k, a count and the tags."""
+    return model_size + 2 + TAGS
+
+
+def contributor_tags(tag_key: bytes, job: bytes, round: int, client: int) -> np.ndarray:
+    """Client `client`'s tags for `round`, in [0, 1), from the key every client holds and the server does not."""
+    key = derive_key(tag_key, job=job, purpose="ckks-tag", round=round, parties=(client,))
+    return expand(key, TAGS).astype(np.float64) / 2.0**32
 
 
 def checked_vector(context: ts.Context, data: bytes, slots: int) -> ts.CKKSVector:
@@ -189,7 +215,9 @@ class CkksClient(SumClient):
         self.identity_key = identity_key
         self._channel: X25519PrivateKey | None = None
         self._context: ts.Context | None = None
+        self._tag_key = b""
         self._global: np.ndarray | None = None  # the global model this client last opened
+        self._opened: dict[int, bytes] = {}  # round → digest of the one sealed sum of it this client opens
 
     def state(self) -> bytes:
         raise ProtocolError("a CKKS client keeps its secret key in memory only; it cannot run one process per message")
@@ -219,14 +247,14 @@ class CkksClient(SumClient):
             raise ProtocolError("refused: KeyRequest names its recipients inconsistently")
         for advert in request.adverts:
             check_advert(self.settings, advert)
-        context = new_context()
-        secret = serialize_context(context, secret=True)
+        context, tag_key = new_context(), os.urandom(TAG_KEY_BYTES)
+        secret = tag_key + serialize_context(context, secret=True)
         sealed = []
         for advert in request.adverts:
             shared = channel_key(channel, advert.channel_key, job=self.settings.job, a=self.cid, b=advert.client)
             sealed.append(seal(shared, secret, job=self.settings.job, stage="ckks-key", sender=self.cid,
                                recipient=advert.client))
-        self._context = context
+        self._context, self._tag_key = context, tag_key
         return KeyBundle(recipients=recipients, sealed_keys=tuple(sealed))
 
     def _take_key(self, delivery: KeyDelivery) -> KeyReceived:
@@ -238,7 +266,9 @@ class CkksClient(SumClient):
         shared = channel_key(channel, holder.channel_key, job=self.settings.job, a=self.cid, b=holder.client)
         secret = unseal(shared, delivery.sealed_key, job=self.settings.job, stage="ckks-key", sender=holder.client,
                         recipient=self.cid)
-        self._context = load_context(secret, secret=True)
+        if len(secret) <= TAG_KEY_BYTES:
+            raise ProtocolError("the sealed key holds no CKKS context")
+        self._context, self._tag_key = load_context(secret[TAG_KEY_BYTES:], secret=True), secret[:TAG_KEY_BYTES]
         return KeyReceived(client=self.cid)
 
     def _require_channel(self) -> X25519PrivateKey:
@@ -252,26 +282,37 @@ class CkksClient(SumClient):
         return self._context
 
     def open_model(self, model: Message, size: int) -> np.ndarray:
-        if not isinstance(model, CkksSum):
-            weights = super().open_model(model, size)
-        else:
-            context = self._require_context()
-            sizes = chunk_sizes(size + 2)
-            if model.size != size or len(model.chunks) != len(sizes):
-                raise ProtocolError(f"the sealed model holds {model.size} weights in {len(model.chunks)} chunks, "
-                                    f"this model has {size}")
-            vectors = [checked_vector(context, chunk, slots) for chunk, slots in zip(model.chunks, sizes)]
-            try:
-                values = np.concatenate([v.decrypt() for v in vectors])
-            except _TENSEAL_ERRORS as exc:
-                raise ProtocolError(f"cannot decrypt the sealed model ({exc})") from None
-            if not (values[size] > 0.5 / WEIGHT_UNIT and values[size + 1] > 0.5 / WEIGHT_UNIT):
-                raise ProtocolError("the sealed model does not hold a weighted sum")
-            count = np.round(values[size + 1] * WEIGHT_UNIT)  # a sum of ones: round away CKKS's noise
-            weights = self.settings.weighting.mean(values[:size], values[size], count / WEIGHT_UNIT).astype(np.float32)
-            if not np.isfinite(weights).all():
-                raise ProtocolError("the sealed model opens to non-finite weights")
+        weights = self._open_sealed(model, size) if isinstance(model, CkksSum) else super().open_model(model, size)
         self._global = weights
+        return weights
+
+    def _open_sealed(self, model: CkksSum, size: int) -> np.ndarray:
+        context = self._require_context()
+        sizes = chunk_sizes(sealed_entries(size))
+        if model.size != size or len(model.chunks) != len(sizes):
+            raise ProtocolError(f"the sealed model holds {model.size} weights in {len(model.chunks)} chunks, "
+                                f"this model has {size}")
+        named = model.contributors
+        if len(named) < 2 or list(named) != sorted(set(named)) or not 0 <= named[0] < named[-1] < self.settings.clients:
+            raise ProtocolError("refused: a sealed model must name at least two distinct contributors of the job")
+        digest = hashlib.sha256(encode(model)).digest()
+        if self._opened.setdefault(model.round, digest) != digest:
+            raise ProtocolError(f"refused: a second, different sealed sum of round {model.round}")
+        vectors = [checked_vector(context, chunk, slots) for chunk, slots in zip(model.chunks, sizes)]
+        try:
+            values = np.concatenate([v.decrypt() for v in vectors])
+        except _TENSEAL_ERRORS as exc:
+            raise ProtocolError(f"cannot decrypt the sealed model ({exc})") from None
+        expected = sum(contributor_tags(self._tag_key, self.settings.job, model.round, c) for c in named)
+        if not np.abs(values[size + 2 :] - expected).max() <= TAG_TOLERANCE:
+            raise ProtocolError(f"refused: the sealed model of round {model.round} is not the sum of the "
+                                f"{len(named)} contributors it names")
+        if not (values[size] > 0.5 / WEIGHT_UNIT and values[size + 1] > 0.5 / WEIGHT_UNIT):
+            raise ProtocolError("the sealed model does not hold a weighted sum")
+        count = np.round(values[size + 1] * WEIGHT_UNIT)  # a sum of ones: round away CKKS's noise
+        weights = self.settings.weighting.mean(values[:size], values[size], count / WEIGHT_UNIT).astype(np.float32)
+        if not np.isfinite(weights).all():
+            raise ProtocolError("the sealed model opens to non-finite weights")
         return weights
 
     def upload(self, round: int, vector: np.ndarray) -> CkksUpload:
@@ -285,6 +326,7 @@ class CkksClient(SumClient):
         weighted = np.append(local, [n, 1.0]) / WEIGHT_UNIT
         if not np.abs(weighted).max() * self.settings.clients < MAX_SLOT:
             raise ProtocolError("the weighted model is too large for CKKS at scale 2^40: the sum could wrap around")
+        weighted = np.append(weighted, contributor_tags(self._tag_key, self.settings.job, round, self.cid))
         try:
             chunks = tuple(ts.ckks_vector(context, weighted[i : i + SLOTS]).serialize()
                            for i in range(0, weighted.size, SLOTS))
@@ -373,7 +415,7 @@ class CkksServer(SumServer):
         if self._round is None:
             raise RoundAborted("no round is open")
         (number, cohort, size), self._round = self._round, None
-        sizes, total, contributors, rejected = chunk_sizes(size + 1), None, [], {}  # and the count slot
+        sizes, total, contributors, rejected = chunk_sizes(sealed_entries(size - 1)), None, [], {}
         for cid, upload in sorted(replies.items()):
             if cid not in cohort or cid not in self._members:
                 rejected[cid] = "not in this round's cohort, or holds no CKKS key"
@@ -393,5 +435,6 @@ class CkksServer(SumServer):
             contributors.append(cid)
         if total is None:
             raise RoundAborted(f"round {number}: no client contributed to the sum")
-        sealed = CkksSum(round=number, size=size - 1, chunks=tuple(t.serialize() for t in total))
+        sealed = CkksSum(round=number, size=size - 1, contributors=tuple(contributors),
+                         chunks=tuple(t.serialize() for t in total))
         return SealedSum(sealed=sealed, contributors=tuple(contributors), rejected=rejected)
