@@ -225,13 +225,13 @@ def secagg_identities(
     clients: Annotated[int, typer.Option("--clients", min=2, help="how many clients the job has")],
     out: Annotated[Path, typer.Option("--out", help="an empty folder for the key files")],
 ) -> None:
-    """Make an Ed25519 identity per client for hardened SecAgg+ (client-<i>.key stays with client i)."""
+    """Make an Ed25519 identity per client: hardened SecAgg+, or CKKS with a signed key exchange."""
     from .secagg.identity import generate
 
     generate(out, clients)
-    say(f"wrote {clients} identities to {out}. Give each client its client-<i>.key only; every party gets "
-        "all client-<i>.pub files. In the job file:")
-    print(f'[secagg]\nmode = "secaggplus"\nhardened = true\nidentities = "{out}"')
+    say(f"wrote {clients} identities to {out}. Give each client its client-<i>.key only (on Flower: `flower join "
+        "--identity`); every party gets all client-<i>.pub files. In the job file:")
+    print(f'[secagg]\nmode = "secaggplus"\nidentities = "{out}"')
 
 
 watermark_app = typer.Typer(help="Ownership watermarks: make keys, verify a model.", no_args_is_help=True)
@@ -378,6 +378,10 @@ def flower_app_folder(
     say(f"wrote {written} and {out / 'job.toml'} (give it to every organisation: `flower join --job` "
         f"pins it); the server will write its run to {where.resolve()}. Start it with "
         f"`securefed flower run {out} --superlink HOST:PORT --ca CA`.")
+    if getattr(config.secagg, "hardened", True) is False:
+        say("note: plain SecAgg+ holds only against a server that follows the protocol; one that lies about "
+            "dropouts can unmask a client. Against a server you do not trust, make identities with `securefed "
+            "secagg identities` and name them in the job (docs/security.md).")
 
 
 @flower_app.command("serve")
@@ -429,6 +433,8 @@ def flower_join(
     ca: CaOption = None,
     key: Annotated[Path | None, typer.Option("--key", help="this organisation's watermark key (default: one is "
                                              "made in --dir)")] = None,
+    identity_key: Annotated[Path | None, typer.Option("--identity", help="this organisation's identity "
+                                                      "(client-<i>.key), when the job's secure sum is signed")] = None,
     node_dir: Annotated[Path, typer.Option("--dir", help="where this node keeps its ledgers, secrets and "
                                            "keys")] = Path("securefed-node"),
     port: Annotated[int, typer.Option("--port", help="the SuperNode's local port (one per node on a "
@@ -453,12 +459,17 @@ def flower_join(
     examples = task_kind(agreed).check_partition(data)
     if key is not None and not key.is_file():
         raise SecurefedError(f"{key}: key file not found")
+    from .runtime.node import Node
+
+    Node(client, "", data, node_dir, key, identity_key).identity_key(agreed)  # the right identity, or say so now
     node_dir.mkdir(parents=True, exist_ok=True)
     say(f"client {client} of {agreed.name} ({agreed.fingerprint()[:12]}), {examples} examples")
     config = {"client": client, "job": agreed.fingerprint(), "data": str(data.resolve()),
               "dir": str(node_dir.resolve())}
     if key is not None:
         config["key"] = str(key.resolve())
+    if identity_key is not None:
+        config["identity"] = str(identity_key.resolve())
     if threads is not None:  # each ClientApp process reads it when torch loads
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     if not keep_loaded:

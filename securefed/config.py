@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .secagg import identity
 
 BUILTIN_DATASETS = ("sst2", "ag_news", "dolly", "alpaca")
 GENERATION_DATASETS = ("dolly", "alpaca")
@@ -156,22 +157,52 @@ class FederationConfig(Section):
         return self.clients_per_round or self.clients
 
 
-class SecAggPlusConfig(Section):
+HexKey = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class SignedSumConfig(Section):
+    """A secure sum whose clients may sign with Ed25519 identities. A job names the folder `securefed secagg
+    identities` wrote; its public keys are read into `public_keys`, which is what a deployed job carries (each
+    private key stays with its client)."""
+
+    identities: FilePath | None = Field(None, description="folder of client-<i>.pub (and, for an in-process run, "
+                                        "every client-<i>.key) Ed25519 identities")
+    public_keys: list[HexKey] | None = Field(None, description="every client's Ed25519 public key (hex), in client "
+                                             "order; filled in from `identities` when that is given")
+
+    def check_identities(self, fed: FederationConfig) -> None:
+        if self.public_keys is not None and len(self.public_keys) != fed.clients:
+            raise ValueError(f"secagg.public_keys: {len(self.public_keys)} keys for {fed.clients} clients")
+
+
+def _signed(data: dict) -> bool:
+    return data.get("identities") is not None or data.get("public_keys") is not None
+
+
+class SecAggPlusConfig(SignedSumConfig):
     """Pairwise masking over a k-regular neighbour graph, with dropout recovery from t-of-k Shamir shares."""
 
     mode: Literal["secaggplus"]
     neighbours: int | None = Field(None, ge=1, description="k; default: complete for small jobs, else ~3·log2 n")
     threshold: int | None = Field(None, ge=2, description="t of the k+1 holders; default (k+1)//2 + 1")
     clip: float = Field(65536.0, gt=0, le=2.0**30, description="bound on each entry of n_k·Δ and on n_k")
-    hardened: bool = Field(False, description="signed key adverts and a consistency check against a lying server")
-    identities: FilePath | None = Field(None, description="folder of client-<i>.pub (and .key) Ed25519 identities")
+    hardened: bool = Field(False, description="signed key adverts and a consistency check against a lying server; "
+                           "the default whenever the job has identities")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hardened_when_signed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "hardened" not in data:
+            return {**data, "hardened": _signed(data)}
+        return data
 
     @model_validator(mode="after")
     def _identities_for_hardened(self) -> SecAggPlusConfig:
-        if self.hardened and self.identities is None:
+        signed = _signed(self.__dict__)
+        if self.hardened and not signed:
             raise ValueError("hardened mode needs identities, a folder made by `securefed secagg identities`")
-        if self.identities is not None and not self.hardened:
-            raise ValueError("identities are used in hardened mode only: set hardened = true")
+        if signed and not self.hardened:
+            raise ValueError("identities sign hardened SecAgg+ only: leave out hardened = false")
         return self
 
     def degree(self, clients: int) -> int:
@@ -182,6 +213,7 @@ class SecAggPlusConfig(Section):
 
     def check_federation(self, fed: FederationConfig) -> None:
         _at_least_two(fed)
+        self.check_identities(fed)
         if fed.cohort_size != fed.clients:
             raise ValueError("secagg: secaggplus needs every client in every round (clients_per_round = "
                              "clients); sampled cohorts need a graph per cohort, which is not built yet")
@@ -198,14 +230,15 @@ class SecAggPlusConfig(Section):
                              f"between {low} and {k + 1}")
 
 
-class CkksConfig(Section):
-    """TenSEAL CKKS: the server adds ciphertexts and never sees a model in clear; clients evaluate."""
+class CkksConfig(SignedSumConfig):
+    """TenSEAL CKKS: the server adds ciphertexts and never sees a model in clear; clients evaluate. With
+    identities the key exchange is signed."""
 
     mode: Literal["ckks"]
-    identities: FilePath | None = Field(None, description="folder of Ed25519 identities: signed key exchange")
 
     def check_federation(self, fed: FederationConfig) -> None:
         _at_least_two(fed)
+        self.check_identities(fed)
         if fed.clients > 1500:
             raise ValueError("secagg: ckks sends the secret key to every client in one message, which holds at most "
                              "1,500 clients")
@@ -337,6 +370,8 @@ class JobConfig(Section):
         since jobs were first run count only when they differ from their defaults, so an older job keeps its
         fingerprint, and its run directory its ledgers (chained from it) and its resume."""
         content = self.model_dump(mode="json", exclude={"output"})
+        if content["secagg"].get("public_keys") is not None:  # the keys count, not where their files lie
+            content["secagg"].pop("identities", None)
         for path, default in _LATER_SETTINGS:
             *sections, name = path
             holder = content
@@ -354,6 +389,7 @@ _LATER_SETTINGS: list[tuple[tuple[str, ...], Any]] = [
     (("data", "response_field"), "response"),
     (("partition", "field"), None),
     (("privacy", "mechanism"), "dp-sgd"),
+    (("secagg", "public_keys"), None),
 ]
 
 
@@ -404,7 +440,11 @@ def _resolve_paths(job: JobConfig, base_dir: Path, source: str) -> JobConfig:
     output = job.output.model_copy(update={"dir": absolute(job.output.dir, "output.dir")})
     secagg = job.secagg
     if getattr(secagg, "identities", None) is not None:
-        secagg = secagg.model_copy(update={"identities": absolute(secagg.identities, "secagg.identities")})
+        folder = absolute(secagg.identities, "secagg.identities")
+        publics = [key.hex() for key in identity.load_publics(folder, job.federation.clients)]
+        if secagg.public_keys not in (None, publics):
+            raise ConfigError(f"{source}: secagg.public_keys: not the public keys in {folder}")
+        secagg = secagg.model_copy(update={"identities": folder, "public_keys": publics})
     watermark = job.watermark
     if watermark is not None and watermark.keys is not None:
         keys = [absolute(k, f"watermark.keys[{i}]") for i, k in enumerate(watermark.keys)]

@@ -16,7 +16,7 @@ from .client import Client, LocalTraining
 from .config import JobConfig
 from .data import EncodedDataset, Splits, partition
 from .errors import ConfigError
-from .interfaces import Grid, LossTerm, Observer, TrainingWrapper
+from .interfaces import Grid, LossTerm, Observer, SumClient, TrainingWrapper
 from .models import Evaluation, ModelBundle, build_model
 from .models.saved import load_adapter, save_adapter
 from .privacy.mechanisms import mechanism
@@ -47,7 +47,7 @@ class Task:
     dev: EncodedDataset
     collator: object  # the task kind's, with batch(dataset, indices)
     secagg: SecureSum | None = None
-    identity_keys: dict[int, Ed25519PrivateKey] = field(default_factory=dict)  # when the job lists identities
+    identity_keys: dict[int, Ed25519PrivateKey] = field(default_factory=dict)  # the clients this process hosts
     wrapper_shared: object | None = None  # what the privacy mechanism made for the model (DP-SGD: Opacus's module)
     carrier: Carrier | None = None  # the watermark's normalization scales, when the job has watermarks
     carrier_base: np.ndarray | None = None  # their values in the base model
@@ -97,10 +97,20 @@ def load_task(config: JobConfig, splits: Splits | None = None) -> Task:
         probe = task.collator.batch(task.train, np.arange(min(3, len(task.train))))
         task.wrapper_shared = wrapper.prepare(bundle.model, probe, kind.loss)
         bundle.model.train(was_training)
-    if task.secagg.identities:
-        task.identity_keys = {c: identity.load_private(config.secagg.identities, c, public)
-                              for c, public in enumerate(task.secagg.identities)}
     return task
+
+
+def identity_keys(config: JobConfig) -> dict[int, Ed25519PrivateKey]:
+    """Every client's identity key, for a runtime that hosts every client (in process); none if the job signs
+    nothing."""
+    secagg = config.secagg
+    if not getattr(secagg, "public_keys", None):
+        return {}
+    if secagg.identities is None:
+        raise ConfigError("secagg.public_keys: an in-process run signs for every client; give secagg.identities, "
+                          "the folder that holds each client-<i>.key")
+    return {c: identity.load_private(secagg.identities, c, bytes.fromhex(public))
+            for c, public in enumerate(secagg.public_keys)}
 
 
 def client_datasets(task: Task) -> list[EncodedDataset]:
@@ -164,14 +174,16 @@ def verify_key(task: Task, weights: np.ndarray, key: WatermarkKey) -> Verdict:
 
 
 def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer | None = None,
-                run: RunDir | None = None, key: WatermarkKey | None = None) -> Client:
+                run: RunDir | None = None, key: WatermarkKey | None = None,
+                sum_client: SumClient | None = None) -> Client:
+    """Client `cid`; its secure-sum state machine is `sum_client` (a node's, restored from its state) or new."""
     fed = task.config.federation
     loss_terms = watermark_terms(task, key) if key is not None else []
     training = LocalTraining(steps=fed.local_steps, batch_size=fed.batch_size, learning_rate=fed.learning_rate,
                              learning_rate_decay=fed.learning_rate_decay, weight_decay=fed.weight_decay,
                              seed=fed.seed, group_by_length=fed.group_by_length, optimizer=fed.optimizer,
                              momentum=fed.momentum)
-    sum_client = task.secagg.client(cid, task.identity_keys.get(cid))
+    sum_client = sum_client or task.secagg.client(cid, task.identity_keys.get(cid))
     return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training, sum_client, loss_terms,
                   observer=observer, evaluate=task.evaluate, wrapper=training_wrapper(task, cid, len(data), run),
                   weighting=task.weighting, loss=task.kind.loss,

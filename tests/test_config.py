@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,11 @@ def test_secure_aggregation_is_on_by_default_with_a_complete_graph_for_small_job
     ('[secagg]\nmode = "paillier"\n', "secagg: Input tag 'paillier' found using 'mode' does not match"),
     ('[secagg]\nmode = "ckks"\nscale = 40\n', "secagg.scale: unknown setting"),
     ('[secagg]\nmode = "secaggplus"\nhardened = true\n', "hardened mode needs identities"),
+    ('[secagg]\nmode = "secaggplus"\nhardened = false\npublic_keys = ["' + "ab" * 32 + '"]\n',
+     "identities sign hardened SecAgg+ only"),
+    ('[secagg]\nmode = "secaggplus"\npublic_keys = ["' + "ab" * 32 + '"]\n',
+     "secagg.public_keys: 1 keys for 3 clients"),
+    ('[secagg]\nmode = "ckks"\npublic_keys = ["xyz"]\n', "secagg.public_keys.0: String should match pattern"),
     ('[secagg]\nmode = "secaggplus"\nneighbours = 3\n', "exceeds the other clients"),
     ('[secagg]\nmode = "secaggplus"\nthreshold = 4\n',
      "secagg.threshold: 4 must be a majority of the k+1 share holders and at most k+1 (k = 2): between 2 and 3"),
@@ -144,6 +150,19 @@ def test_secure_aggregation_is_on_by_default_with_a_complete_graph_for_small_job
 ])
 def test_secure_aggregation_settings_are_checked(tmp_path, section, message):
     assert message in error_of(tmp_path, VALID + section)
+
+
+def test_identities_make_secaggplus_hardened_and_travel_as_public_keys(tmp_path):
+    from securefed.secagg.identity import generate
+
+    publics = [key.hex() for key in generate(tmp_path / "ids", 3)]
+    job = load_job(write(tmp_path, VALID + '[secagg]\nmode = "secaggplus"\nidentities = "ids"\n'))
+    assert job.secagg.hardened and job.secagg.public_keys == publics
+    inline = load_job(write(tmp_path, VALID + '[secagg]\nmode = "secaggplus"\npublic_keys = ' + json.dumps(publics)))
+    assert inline.secagg.hardened and inline.fingerprint() == job.fingerprint()  # the folder is only where they lie
+    other = list(reversed(publics))
+    assert "not the public keys in" in error_of(tmp_path, VALID + '[secagg]\nmode = "secaggplus"\nidentities = "ids"\n'
+                                                f"public_keys = {json.dumps(other)}\n")
 
 
 def test_secaggplus_refuses_sampled_cohorts_and_odd_ring_degrees(tmp_path):

@@ -29,9 +29,10 @@ from securefed.errors import ConfigError, DataError, ProtocolError  # noqa: E402
 from securefed.interfaces import Observer  # noqa: E402
 from securefed.protocol import TrainIns, decode  # noqa: E402
 from securefed.runtime import flower  # noqa: E402
-from securefed.runtime.deployment import AppConfig, check_deployable, make_certificates  # noqa: E402
+from securefed.runtime.deployment import AppConfig, check_deployable, deployed_job, make_certificates  # noqa: E402
 from securefed.runtime.local import execute, prepare  # noqa: E402
 from securefed.runtime.node import Node, NodeState  # noqa: E402
+from securefed.secagg.identity import generate, private_file  # noqa: E402
 from securefed.tasks import task_kind  # noqa: E402
 
 SECRET = "0123456789abcdef"
@@ -80,21 +81,24 @@ class Notes(Observer):
         self.lines.append(text)
 
 
-def deploy(folder, job):
-    """Each client's partition of `job` in its own file, and a node context per client, each with the DP secret."""
+def deploy(folder, job, identities=None):
+    """Each client's partition of `job` in its own file, and a node context per client, each with the DP secret
+    (and its own identity key from the `identities` folder)."""
     config = load_job(job)
     parts = write_partitions(config, folder / "parts")
     labels = task_kind(config).label_order()
-    app = AppConfig(config, labels, folder / "run", reply_timeout=3.0, join_timeout=5.0)
+    app = AppConfig(deployed_job(config), labels, folder / "run", reply_timeout=3.0, join_timeout=5.0)
     contexts = {}
     for cid, path in enumerate(parts):
         node = Node(cid, config.fingerprint(), path, folder / f"node-{cid}", None)
         run = node.run_dir(config)
         (run.path / "secrets").mkdir(mode=0o700)
         (run.path / "secrets" / "dp").write_text(SECRET + "\n", encoding="ascii")  # the in-process run's too
+        node_config = {"client": cid, "job": node.job, "data": str(path), "dir": str(node.dir)}
+        if identities:
+            node_config["identity"] = str(private_file(identities, cid))
         contexts[1000 + cid] = Context(run_id=1, node_id=1000 + cid, state=RecordDict(), run_config=app.run_config(),
-                                       node_config={"client": cid, "job": node.job, "data": str(path),
-                                                    "dir": str(node.dir)})
+                                       node_config=node_config)
     return job, app, contexts
 
 
@@ -136,6 +140,31 @@ def test_the_flower_app_trains_exactly_as_the_in_process_runtime(deployed, tmp_p
         plain = NodeState(Node.from_node_config(context.node_config).run_dir(load_job(job)), load_job(job), cid,
                           context.run_id).open(sealed)
         assert decode(plain).uploaded == (1, 2) and decode(plain).answered == (1, 2)
+
+
+def test_a_hardened_job_runs_on_flower_with_each_identity_key_on_its_own_node(tmp_path, tiny_model, sst2_sample):
+    """Issue 17, attack 2: hardened SecAgg+ on Flower. The job that travels holds the public keys only; each node
+    signs with its own client-<i>.key; the result is the in-process run's, which holds every key."""
+    ids = tmp_path / "ids"
+    generate(ids, 3)
+    job = write_job(tmp_path, tiny_model, *sst2_sample, federation={"rounds": 2},
+                    privacy={"epsilon": 8.0, "max_grad_norm": 1.0},
+                    secagg={"mode": "secaggplus", "identities": str(ids)})
+    job, app, contexts = deploy(tmp_path, job, ids)
+    travelling = AppConfig.from_run_config(app.run_config()).job
+    assert travelling.secagg.hardened and travelling.secagg.identities is None
+    assert travelling.secagg.public_keys == load_job(job).secagg.public_keys
+    assert travelling.fingerprint() == load_job(job).fingerprint()  # what each organisation agreed to
+    run = flower.run_job(LoopbackGrid(contexts), app, Notes())
+    local, reference = in_process(job, tmp_path / "local")
+    _, model = run.last_checkpoint(reference.weights.size, local.task.bundle.view.spec.digest)
+    np.testing.assert_allclose(model.weights, reference.weights, rtol=0, atol=1e-6)
+    assert [r["contributors"] for r in run.records()] == [3, 3]
+    wrong = Node(1, "", Path("x"), tmp_path, None, private_file(ids, 0))
+    with pytest.raises(ConfigError, match="not client 1's identity"):
+        wrong.identity_key(travelling)
+    with pytest.raises(ConfigError, match="start this node with --identity client-1.key"):
+        Node(1, "", Path("x"), tmp_path, None).identity_key(travelling)
 
 
 def test_a_long_lived_node_loads_its_model_when_asked_which_client_it_is(deployed, monkeypatch):
@@ -278,7 +307,6 @@ def test_nodes_that_are_not_the_jobs_clients_are_left_out(deployed, tmp_path, ti
 
 def test_jobs_flower_cannot_run_yet_are_refused_up_front(tmp_path, tiny_model, sst2_sample):
     cases = {"CKKS": {"secagg": {"mode": "ckks"}},
-             "hardened": {"secagg": {"mode": "secaggplus", "hardened": True, "identities": str(tmp_path)}},
              "brings its own key": {"watermark": {"keys": [str(tmp_path / "a.wmkey")] * 3}}}
     for number, (expected, sections) in enumerate(cases.items()):
         folder = tmp_path / str(number)

@@ -31,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ..config import JobConfig, dump_toml, load_job, parse_job
 from ..errors import ConfigError, SecurefedError
 from ..rundir import RunDir
+from ..secagg import identity
 from ..sums import sum_kind
 
 OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -101,6 +102,14 @@ def check_deployable(job: JobConfig) -> None:
     if job.watermark is not None and job.watermark.keys:
         raise ConfigError("watermark.keys: on Flower each organisation brings its own key (flower join --key); "
                           "leave the keys out of the job")
+
+
+def deployed_job(job: JobConfig) -> JobConfig:
+    """The job as it travels to the nodes: its identities' public keys, not the folder of key files (which stays
+    on this machine and is no part of the fingerprint)."""
+    if getattr(job.secagg, "identities", None) is None:
+        return job
+    return job.model_copy(update={"secagg": job.secagg.model_copy(update={"identities": None})})
 
 
 def node_run_dir(job: JobConfig, folder: Path, client: int) -> RunDir:
@@ -208,6 +217,7 @@ def write_app(job: JobConfig, labels: list[str], folder: Path, run_dir: Path, *,
     check_deployable(job)
     require_empty(folder, "the App")
     folder.mkdir(parents=True, exist_ok=True)
+    job = deployed_job(job)
     app = AppConfig(job, labels, run_dir.resolve(), reply_timeout, join_timeout)
     document = {
         "project": {"name": f"securefed-{job.name}".lower().replace("_", "-").replace(".", "-")[:60],
@@ -423,9 +433,11 @@ class Loopback:
             self.registered.add(i)
 
     def join(self, name: str, job: Path, key: int, client: int, data: Path, folder: Path,
-             watermark_key: Path | None = None, threads: int | None = None) -> subprocess.Popen:
+             watermark_key: Path | None = None, threads: int | None = None,
+             identity_key: Path | None = None) -> subprocess.Popen:
         marks = ["--key", str(watermark_key)] if watermark_key else []
         marks += ["--threads", str(threads)] if threads else []
+        marks += ["--identity", str(identity_key)] if identity_key else []
         return self.start(name, "flower", "join", "--superlink", self.superlink, "--ca", str(self.certs.ca),
                           "--job", str(job),
                           "--auth-key", str(self.certs.node_key(key)), "--client", str(client), "--data", str(data),
@@ -451,6 +463,7 @@ class Loopback:
             self.serve(config.federation.clients)
         nodes = []
         threads = node_threads(config.federation.clients)
+        identities = getattr(config.secagg, "identities", None)  # each node gets its own client-<i>.key
         try:
             for cid in range(config.federation.clients):
                 self.register(cid)
@@ -459,7 +472,8 @@ class Loopback:
                     node_run_dir(config, folder, cid).private_file("dp").write_text(dp_secret + "\n", encoding="ascii")
                 data = next((self.root / "parts").glob(f"client-{cid}.*"))
                 nodes.append(f"node-{cid}")
-                self.join(nodes[-1], job, cid, cid, data, folder, (watermark_keys or {}).get(cid), threads)
+                self.join(nodes[-1], job, cid, cid, data, folder, (watermark_keys or {}).get(cid), threads,
+                          identity.private_file(identities, cid) if identities else None)
             run_dir = self.root / "run"
             self.securefed_cli("flower", "app", str(job), "--out", str(self.root / "app"), "--run-dir", str(run_dir),
                                "--reply-timeout", str(timeout))

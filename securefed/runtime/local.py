@@ -75,6 +75,7 @@ def prepare(config: JobConfig, *, out: Path | None = None, resume: Path | None =
         raise RunDirError(f"cannot resume {resume}: {why}")
     run_dir = RunDir.resume(resume, config) if resume else None
     task = jobs.load_task(config)  # before creating anything: bad data or a bad model fails with nothing written
+    task.identity_keys = jobs.identity_keys(config)
     return PreparedRun(config, task, run_dir or RunDir.create(config, out), resuming=resume is not None)
 
 

@@ -18,10 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from ..config import JobConfig
 from ..errors import ConfigError, DataError, ProtocolError, SecurefedError
 from ..protocol import Message, TrainIns, decode, encode
 from ..rundir import RunDir, write_atomic
+from ..secagg import identity
 from ..secagg.channel import seal, unseal
 from ..sums import secure_sum
 from .deployment import AppConfig, check_deployable, node_run_dir
@@ -36,13 +39,14 @@ class Node:
     data: Path  # its own partition, in the job's data format
     dir: Path  # its ledgers, secrets and made keys, one folder per job and client
     key: Path | None  # its watermark key, if it brings one
+    identity: Path | None = None  # its Ed25519 identity (client-<i>.key), when the job's secure sum is signed
 
     @classmethod
     def from_node_config(cls, node_config: Mapping) -> Node:
         try:
-            key = str(node_config.get("key", ""))
+            key, identity = (str(node_config.get(name, "")) for name in ("key", "identity"))
             return cls(int(node_config["client"]), str(node_config["job"]), Path(str(node_config["data"])),
-                       Path(str(node_config["dir"])), Path(key) if key else None)
+                       Path(str(node_config["dir"])), Path(key) if key else None, Path(identity) if identity else None)
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"the SuperNode's --node-config lacks client, job, data or dir ({exc})") from None
 
@@ -54,6 +58,16 @@ class Node:
 
     def run_dir(self, job: JobConfig) -> RunDir:
         return node_run_dir(job, self.dir, self.client)
+
+    def identity_key(self, job: JobConfig) -> Ed25519PrivateKey | None:
+        """The organisation's identity key, checked against the job's public key for this client."""
+        publics = getattr(job.secagg, "public_keys", None)
+        if not publics:
+            return None
+        if self.identity is None:
+            raise ConfigError(f"{job.name} signs its secure sum: start this node with --identity "
+                              f"client-{self.client}.key")
+        return identity.load_key(self.identity, bytes.fromhex(publics[self.client]), self.client)
 
 
 class NodeState:
@@ -106,7 +120,7 @@ def answer(app: AppConfig, node: Node, flower_run: int, wire: bytes, sealed: byt
         run = node.run_dir(app.job)
         with exclusive(run):
             keeper = NodeState(run, app.job, node.client, flower_run)
-            sum_client = secure_sum(app.job).client(node.client)
+            sum_client = secure_sum(app.job).client(node.client, node.identity_key(app.job))
             sum_client.restore(keeper.open(sealed))
             try:
                 if isinstance(request, TrainIns):  # a node holds no dev split: it never evaluates (CKKS's EvaluateIns)
@@ -186,6 +200,4 @@ def _train(app: AppConfig, node: Node, run: RunDir, sum_client, request: TrainIn
 
     task = _task(app, node)
     key = jobs.watermark_key(task, run, node.client, node.key) if app.job.watermark else None
-    client = jobs.make_client(task, node.client, task.train, run=run, key=key)
-    client.secure_sum = sum_client
-    return client.handle(request)
+    return jobs.make_client(task, node.client, task.train, run=run, key=key, sum_client=sum_client).handle(request)

@@ -1,4 +1,4 @@
-"""Ed25519 identities for hardened SecAgg+: key files, signing and verification.
+"""Ed25519 identities for hardened SecAgg+ and signed CKKS: key files, signing and verification.
 
 A job's identities live in one folder: `client-<i>.pub` (every client's public key, hex) for
 everyone, and `client-<i>.key` (the private key, hex) on the machine that runs client i.
@@ -47,10 +47,14 @@ def load_publics(folder: Path, clients: int) -> tuple[bytes, ...]:
 
 
 def load_private(folder: Path, client: int, public: bytes) -> Ed25519PrivateKey:
-    path = private_file(folder, client)
+    return load_key(private_file(folder, client), public, client)
+
+
+def load_key(path: Path, public: bytes, client: int) -> Ed25519PrivateKey:
+    """Client `client`'s private key from `path`, refused unless it matches the job's public key for the client."""
     key = Ed25519PrivateKey.from_private_bytes(_read_key(path))
     if key.public_key().public_bytes_raw() != public:
-        raise ConfigError(f"{path}: this private key does not belong to {public_file(folder, client).name}")
+        raise ConfigError(f"{path}: not client {client}'s identity (its public key is not the job's)")
     return key
 
 

@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..config import JobConfig
 from ..interfaces import SumClient, SumServer
-from ..secagg import identity
 from ..weighting import BY_EXAMPLES, Weighting
 
 
@@ -23,8 +22,7 @@ class SecureSum(ABC):
     def __init__(self, config: JobConfig, weighting: Weighting = BY_EXAMPLES):
         self.config = config
         self.weighting = weighting
-        folder = getattr(config.secagg, "identities", None)
-        self.identities = identity.load_publics(folder, config.federation.clients) if folder else ()
+        self.identities = tuple(bytes.fromhex(k) for k in getattr(config.secagg, "public_keys", None) or ())
         self.job = hashlib.sha256(config.job_id + b"".join(self.identities)).digest()  # binds the identities too
 
     @abstractmethod

@@ -15,13 +15,6 @@ class SecAggPlus(SecureSum):
                                   degree=config.secagg_degree, threshold=config.secagg_threshold,
                                   clip=config.secagg.clip, seed=config.federation.seed, identities=self.identities)
 
-    @classmethod
-    def refuses_flower(cls, config) -> str | None:
-        if config.secagg.hardened:
-            return "hardened SecAgg+ cannot run on Flower yet (each node would need its identity key); use the " \
-                   "default SecAgg+"
-        return None
-
     def server(self) -> SecAggPlusServer:
         return SecAggPlusServer(self.settings)
 
