@@ -1,5 +1,6 @@
 """The job across real Flower processes on 127.0.0.1: a SuperLink and three SuperNodes, TLS and node
-authentication, SecAgg+ and DP, each node's messages answered by its `flower join` executor. Slow tier."""
+authentication, hardened SecAgg+ (each node signing with its own identity key) and DP, each node's messages
+answered by its `flower join` executor. Slow tier."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ pytest.importorskip("flwr")
 from securefed.config import load_job  # noqa: E402
 from securefed.runtime.deployment import Loopback  # noqa: E402
 from securefed.runtime.local import execute, prepare  # noqa: E402
+from securefed.secagg.identity import generate  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SECRET = "5eed5eed5eed5eed"  # one DP secret for every party, so that the in-process run can match
@@ -27,12 +29,14 @@ RUN_SECONDS = 1500
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, tiny_model, sst2_sample):
-    """A running SuperLink with TLS and node authentication, and a test CA with four node keys."""
+    """A running SuperLink with TLS and node authentication, a test CA with four node keys, and a hardened job."""
     root = tmp_path_factory.mktemp("flower")
     deployment = Loopback(root)
+    generate(root / "identities", CLIENTS)
     try:
         deployment.job = write_job(root, tiny_model, *sst2_sample, federation={"rounds": 2, "clients": CLIENTS},
-                                   privacy={"epsilon": 8.0, "max_grad_norm": 1.0})
+                                   privacy={"epsilon": 8.0, "max_grad_norm": 1.0},
+                                   secagg={"mode": "secaggplus", "identities": str(root / "identities")})
         deployment.serve(nodes=CLIENTS + 1)
         yield deployment
     finally:
@@ -65,6 +69,9 @@ def test_a_flower_deployment_gives_the_in_process_result(federation, tmp_path):
     deployed = load_file(str(run_dir / "checkpoints" / "round-00002.safetensors"))["weights"]
     np.testing.assert_allclose(deployed, reference, rtol=0, atol=1e-6)
     assert (run_dir / "model" / "adapter_config.json").is_file()
+    travelled = load_job(federation.root / "app" / "job.toml").secagg  # the public keys, not the key folder
+    assert travelled.hardened and travelled.identities is None and len(travelled.public_keys) == CLIENTS
+    assert "hardened SecAgg+" in (run_dir / "report.md").read_text()
     for cid in range(CLIENTS):  # each organisation's ledger is on its own node
         ledgers = list((federation.root / "nodes" / f"client-{cid}").glob("*/ledger/client-*.jsonl"))
         assert [p.name for p in ledgers] == [f"client-{cid}.jsonl"]

@@ -23,6 +23,7 @@ class SecAggPlus(SecureSum):
 
     @classmethod
     def describe(cls, config, setup: str) -> str:
-        return (f"FedAvg over SecAgg+ ({config.secagg_degree} neighbours per client, threshold "
+        mode = "hardened SecAgg+ (signed keys and survivor lists)" if config.secagg.hardened else "SecAgg+"
+        return (f"FedAvg over {mode} ({config.secagg_degree} neighbours per client, threshold "
                 f"{config.secagg_threshold}): the server saw only the sum of the updates, never one "
                 f"update.{setup}")
