@@ -45,7 +45,8 @@ def federation(tmp_path_factory, tiny_model, sst2_sample):
 
 def test_a_node_with_an_unregistered_key_is_refused(federation, tmp_path):
     data = load_job(federation.job).data.train
-    rogue = federation.join("rogue", federation.job, key=CLIENTS, client=0, data=data, folder=tmp_path / "rogue")
+    rogue = federation.join("rogue", federation.job, key=CLIENTS, client=0, data=data, folder=tmp_path / "rogue",
+                            identity_key=federation.root / "identities" / "client-0.key")
     try:
         rogue.wait(timeout=90)
     except Exception:

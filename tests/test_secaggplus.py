@@ -546,3 +546,48 @@ def test_a_server_that_restarts_the_setup_gets_no_second_upload_for_a_round(kind
     fed.setup()  # and again: what was uploaded under any earlier setup is still refused
     with pytest.raises(ProtocolError, match="already uploaded for round 2"):
         fed.client(0).upload(2, xs[0])
+
+
+@pytest.mark.parametrize("hardened_mode", [False, True])
+def test_a_server_telling_a_sparse_graph_split_stories_gets_a_clients_secrets_only_in_plain_mode(hardened_mode):
+    """Issue 17, attack 2. With k < n−1 a server tells B's share holders "B survived" and the holders of each of
+    B's neighbours' shares "that neighbour dropped": it then holds t shares of B's self-mask seed and of every
+    mask key B shares, and can strip B's upload bare, without asking anyone for both secrets of one client. A
+    plain client cannot see it (the limit docs/security.md states); in hardened mode the lists must be signed,
+    and the same server gathers too few shares of B's seed."""
+    n, k, victim = 12, 4, 0
+    keys = {c: Ed25519PrivateKey.generate() for c in range(n)} if hardened_mode else None
+    settings = make_settings(n, degree=k, threshold=3)
+    if hardened_mode:
+        settings = dataclasses.replace(settings, identities=tuple(keys[c].public_key().public_bytes_raw()
+                                                                  for c in range(n)))
+    fed = Federation(settings, keys=keys)
+    fed.setup()
+    graph = fed.server.graph
+    around = set(graph[victim])
+    assert len(around) == k < n - 1
+    for c in range(n):
+        fed.clients[c].upload(1, vectors(n)[c])
+    # each client is shown the story that serves the attack: B survived, B's neighbours (but itself) dropped
+    told = {w: tuple(sorted(set(range(n)) - around | {w})) for w in range(n)}
+    signed: dict[int, bytes] = {}
+    if hardened_mode:
+        for w in range(n):  # every client signs the one list it is shown
+            signed[w] = fed.clients[w].reply(SurvivorsRequest(round=1, survivors=told[w])).signature
+    seed_shares, key_shares = 0, dict.fromkeys(around, 0)
+    for w in range(n):
+        survivors = tuple(v for v in graph[w] if v in told[w])
+        dropped = tuple(v for v in graph[w] if v not in told[w])
+        signatures = tuple(signed[v] if told[v] == told[w] else b"" for v in survivors) if hardened_mode else ()
+        request = UnmaskRequest(round=1, survivors=survivors, dropped=dropped,
+                                everyone=told[w] if hardened_mode else (), signatures=signatures)
+        try:
+            reply = fed.clients[w].reply(decode(encode(request)))
+        except ProtocolError:
+            continue
+        seed_shares += (w == victim) + sum(v == victim for v in survivors)
+        for v, _share in zip(dropped, reply.key_shares):
+            if v in key_shares:
+                key_shares[v] += 1
+    stripped = seed_shares >= settings.threshold and min(key_shares.values()) >= settings.threshold
+    assert stripped is not hardened_mode, (seed_shares, key_shares)
