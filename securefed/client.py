@@ -111,7 +111,7 @@ class Client:
             if self.wrapper:
                 metrics.update(self.wrapper.commit(ins.round, weights, vector))
         metrics["seconds"] = time.perf_counter() - started
-        upload = self.secure_sum.upload(ins.round, vector)
+        upload = self.secure_sum.upload(ins.round, vector, ins.bound)
         self.sent.claim(ins.round)  # durably, before the update leaves
         return TrainRes(round=ins.round, metrics=metrics, upload=upload)
 

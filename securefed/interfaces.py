@@ -28,12 +28,25 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Encoding:
+    """How exactly a fixed-point sum carried the updates: the bound their entries were encoded in, the mean fraction
+    of entries the contributors clipped to it (summed securely with the rest), the largest rounding error on an
+    entry of the sum, and the bound the next round should use (0: the widest)."""
+
+    bound: float
+    clipped: float
+    error: float
+    following: float
+
+
+@dataclass(frozen=True)
 class SumResult:
     """The sum of the contributors' vectors; nothing about any single one."""
 
     total: np.ndarray
     contributors: tuple[int, ...]
     rejected: Mapping[int, str] = field(default_factory=dict)
+    encoding: Encoding | None = None  # for a sum in fixed point
 
 
 @dataclass(frozen=True)
@@ -73,8 +86,9 @@ class SumClient(ABC):
             raise ProtocolError(f"{type(self).__name__} keeps no state to restore")
 
     @abstractmethod
-    def upload(self, round: int, vector: np.ndarray) -> Message:
-        """The first message of the round, carrying (a protected form of) `vector` = [n_k·Δ_k, n_k]."""
+    def upload(self, round: int, vector: np.ndarray, bound: float = 0.0) -> Message:
+        """The first message of the round, carrying (a protected form of) `vector` = [n_k·Δ_k, n_k]; `bound` is the
+        server's encoding bound for the round's update entries (a fixed-point sum's; 0: the job's widest)."""
 
     def reply(self, request: Message) -> Message:
         """Answer a follow-up stage of the protocol."""
@@ -96,8 +110,8 @@ class SumServer(ABC):
         return {}
 
     @abstractmethod
-    def open(self, round: int, cohort: Sequence[int], size: int) -> None:
-        """Start a round for `cohort`, whose vectors have `size` entries."""
+    def open(self, round: int, cohort: Sequence[int], size: int, bound: float = 0.0) -> None:
+        """Start a round for `cohort`, whose vectors have `size` entries, encoded within `bound` (see upload)."""
 
     @abstractmethod
     def step(self, replies: Mapping[int, Message]) -> Mapping[int, Message] | SumResult | SealedSum:

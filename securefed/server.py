@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import RoundAborted
-from .interfaces import Exchange, Grid, Observer, SealedSum, SumResult, SumServer
+from .interfaces import Encoding, Exchange, Grid, Observer, SealedSum, SumResult, SumServer
 from .models import Evaluation
 from .protocol import EvaluateIns, EvaluateRes, Message, PlainModel, TrainIns, TrainRes
 from .rundir import RunDir
@@ -48,6 +48,7 @@ class Server:
         metrics: tuple[str, ...] = ("loss", "accuracy"),
     ):
         self.schedule = schedule
+        self._bound = 0.0  # the encoding bound of the next round's update entries (0: the secure sum's widest)
         self.spec = spec
         self.size = size  # of the trainable vector
         self.secure_sum = secure_sum
@@ -62,6 +63,7 @@ class Server:
         """Run rounds `start`..`rounds` from the global `model` (a PlainModel, or sealed); every finished round is
         committed to the run directory. Returns the final global model."""
         rounds = range(start, self.schedule.rounds + 1)
+        self._bound = self._resumed_bound(start)
         setup = self.setup(rounds) if rounds else None
         for round in rounds:
             model, record = self.round(round, model)
@@ -70,6 +72,11 @@ class Server:
             self.run_dir.commit(round, model, self.spec, record)
             self.observer.round_finished(record)
         return model
+
+    def _resumed_bound(self, start: int) -> float:
+        """The encoding bound the last committed round chose for the next one, so a resumed run is exact."""
+        last = [r for r in self.run_dir.records() if r.get("round") == start - 1] if start > 1 else []
+        return float(last[-1].get("next_bound", 0.0)) if last else 0.0
 
     def setup(self, rounds: range) -> dict:
         """Run the secure sum's setup for `rounds`; return what it cost."""
@@ -87,12 +94,13 @@ class Server:
         log = _RoundLog(round, self.schedule.cohort(round))
         self.observer.round_started(round, self.schedule.rounds, log.cohort)
         results = self._train(log, model)
-        aborted, previous = None, model
+        aborted, previous, encoding = None, model, None
         try:
             result = self._sum(log, results, self.size + 1)
             with log.aggregation:
                 model = _aggregate(model, result, self.weighting)
             log.contributors = len(result.contributors)
+            encoding = getattr(result, "encoding", None)
         except RoundAborted as exc:
             aborted = str(exc)
         with log.evaluation:
@@ -125,6 +133,11 @@ class Server:
             record["epsilon"] = max(spent)  # the largest ε any client has spent so far (its ledger has each)
             record["ledger_entries"] = {str(cid): int(r.metrics["ledger_entries"]) for cid, r in sorted(results.items())
                                         if "ledger_entries" in r.metrics}
+        if encoding is not None and not aborted:
+            record["encoding"] = _encoding_record(encoding, result.total)
+            self._bound = encoding.following
+        if self._bound:
+            record["next_bound"] = self._bound
         if aborted:
             record["aborted"] = aborted
         return model, record
@@ -132,7 +145,7 @@ class Server:
     def _train(self, log: _RoundLog, model: Message) -> dict[int, TrainRes]:
         """Broadcast the global model; keep the well-formed replies, count the rest as dropouts."""
         exchange = log.add(self.grid.exchange(
-            {cid: TrainIns(round=log.round, spec=self.spec, model=model) for cid in log.cohort}))
+            {cid: TrainIns(round=log.round, spec=self.spec, model=model, bound=self._bound) for cid in log.cohort}))
         log.train_seconds = exchange.client_seconds
         results = {}
         for cid, reply in exchange.replies.items():
@@ -163,7 +176,7 @@ class Server:
     def _sum(self, log: _RoundLog, results: dict[int, TrainRes], size: int) -> SumResult | SealedSum:
         """Run the secure sum to its end: its server step, then any follow-up stages it asks for."""
         with log.aggregation:
-            self.secure_sum.open(log.round, log.cohort, size)
+            self.secure_sum.open(log.round, log.cohort, size, self._bound)
             step = self.secure_sum.step({cid: res.upload for cid, res in results.items()})
         while not isinstance(step, (SumResult, SealedSum)):
             follow_up = log.add(self.grid.exchange(step))
@@ -182,6 +195,14 @@ _TRAIN_METRICS = {
     "epsilon": lambda v: 0 <= v <= 1e6,
     "ledger_entries": lambda v: v.is_integer() and 0 <= v <= 1e7,
 }
+
+
+def _encoding_record(encoding: Encoding, total: np.ndarray) -> dict:
+    """What the round's fixed point cost: its bound, the clipped fraction, the largest rounding error on the sum
+    and that error over the sum's largest entry."""
+    largest = float(np.abs(total[:-1]).max()) if total.size > 1 else 0.0
+    return {"bound": encoding.bound, "clipped": encoding.clipped, "error": encoding.error,
+            "relative_error": encoding.error / largest if largest > 0 else None}
 
 
 def _invalid_metric(metrics: Mapping[str, float]) -> str | None:

@@ -98,11 +98,12 @@ def vectors(n: int, seed: int = 0) -> dict[int, np.ndarray]:
 
 def encoded_sum(settings: SecAggPlusSettings, number: int, xs: dict[int, np.ndarray], members) -> np.ndarray:
     """The plaintext sum of the encoded vectors, with the same stochastic rounding the clients use."""
-    enc = settings.encoding
-    total = np.zeros(SIZE, dtype=np.uint32)
+    enc = settings.encoding(SIZE + 1, settings.clip)
+    total = np.zeros(SIZE + 1, dtype=np.uint32)
     for c in members:
-        total += enc.encode(xs[c], stream(settings.seed, "secagg-rounding", number, c))
-    return enc.decode(total)
+        clipped = float((np.abs(xs[c][:-1]) > settings.clip).mean())
+        total += enc.encode(np.append(xs[c], clipped), stream(settings.seed, "secagg-rounding", number, c))
+    return enc.decode(total)[:-1]
 
 
 # ---------------------------------------------------------------- building blocks
@@ -118,7 +119,7 @@ def test_shamir_any_t_shares_recover_and_fewer_do_not():
 
 
 def test_fixed_point_sum_decodes_to_the_float_sum():
-    enc = FixedPoint(clip=50.0, parties=20)
+    enc = FixedPoint(50.0, parties=20)
     rng = np.random.default_rng(3)
     xs = rng.uniform(-50, 50, (20, 1000))
     total = np.zeros(1000, dtype=np.uint32)
@@ -134,7 +135,7 @@ def test_fixed_point_refuses_what_it_cannot_carry_instead_of_mapping_it_silently
     from securefed.errors import UpdateRefused
 
     with pytest.raises(UpdateRefused, match="NaN or inf"):
-        FixedPoint(clip=50.0, parties=2).encode(np.array([1.0, bad]), np.random.default_rng(0))
+        FixedPoint(50.0, parties=2).encode(np.array([1.0, bad]), np.random.default_rng(0))
 
 
 def test_a_client_whose_weight_exceeds_the_clip_refuses_to_upload(ready):
@@ -163,7 +164,7 @@ def test_sum_equals_the_plaintext_sum_of_encoded_vectors(n, degree):
         assert result.contributors == tuple(range(n))
         np.testing.assert_array_equal(result.total, encoded_sum(fed.settings, number, xs, range(n)))
         exact = sum(x.astype(np.float64) for x in xs.values())
-        assert np.abs(result.total - exact).max() < n / fed.settings.encoding.scale
+        assert np.abs(result.total - exact).max() < result.encoding.error
 
 
 STAGES = ["advertise", "share", "deliver", "upload", "unmask"]
@@ -327,16 +328,16 @@ def test_a_masked_upload_alone_looks_uniform():
     assert masked.dtype == np.uint32
     counts = np.bincount(masked >> 24, minlength=256)
     assert stats.chisquare(counts).pvalue > 1e-6
-    plain = settings.encoding.encode(zeros, np.random.default_rng(0))
+    plain = settings.encoding(size, 1.0).encode(zeros, np.random.default_rng(0))
     assert stats.chisquare(np.bincount(plain >> 24, minlength=256)).pvalue < 1e-6
 
 
 def test_the_server_keeps_only_the_running_sum(ready):
     xs = vectors(6)
-    uploads = {c: MaskedUpload(round=1, vector=np.full(SIZE, c + 1, dtype=np.uint32)) for c in range(6)}
-    ready.server.step(uploads)
+    uploads = {c: MaskedUpload(round=1, vector=np.full(SIZE + 1, c + 1, dtype=np.uint32)) for c in range(6)}
+    ready.server.step(uploads)  # SIZE entries, and the clipped fraction
     arrays = [v for v in vars(ready.server._round).values() if isinstance(v, np.ndarray)]
-    assert len(arrays) == 1 and np.array_equal(arrays[0], np.full(SIZE, 21, dtype=np.uint32))
+    assert len(arrays) == 1 and np.array_equal(arrays[0], np.full(SIZE + 1, 21, dtype=np.uint32))
     del xs
 
 
@@ -591,3 +592,53 @@ def test_a_server_telling_a_sparse_graph_split_stories_gets_a_clients_secrets_on
                 key_shares[v] += 1
     stripped = seed_shares >= settings.threshold and min(key_shares.values()) >= settings.threshold
     assert stripped is not hardened_mode, (seed_shares, key_shares)
+
+
+def _small_updates(n: int, seed: int) -> dict[int, np.ndarray]:
+    """Updates of about 1e-5 per entry from clients of 50 to 500 examples: [n_k·Δ_k, n_k]."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for c in range(n):
+        examples = float(rng.integers(50, 500))
+        out[c] = np.append(examples * rng.normal(0, 1e-5, SIZE - 1), examples)
+    return out
+
+
+@pytest.mark.parametrize("n", [10, 50])
+def test_the_server_tightens_the_encoding_bound_from_the_last_sum_to_1e_6_relative_error(n):
+    """Issue 17: the job-wide clip (65,536) left 2% relative error on FedAvg when updates were about 1e-5. The
+    server now sets each round's bound from the last sum; the error it reports bounds the real one."""
+    fed = Federation(dataclasses.replace(make_settings(n, degree=min(n - 1, 10)), clip=65536.0))
+    fed.setup()
+    bound, errors = 0.0, []
+    for number in (1, 2, 3):
+        xs = _small_updates(n, number)
+        fed.server.open(number, sorted(fed.clients), SIZE, bound)
+        uploads = {c: decode(encode(fed.clients[c].upload(number, xs[c], bound))) for c in range(n)}
+        step = fed.server.step(uploads)
+        while isinstance(step, dict):
+            step = fed.server.step(fed.exchange(step))
+        exact = sum(xs.values())
+        error = np.abs(step.total - exact)
+        assert error[:-1].max() <= step.encoding.error and step.encoding.clipped == 0
+        assert error[-1] <= 1e-6 * exact[-1]  # Σ n_k, in the clip's own range
+        errors.append(error[:-1].max() / np.abs(exact[:-1]).max())
+        bound = step.encoding.following
+    assert errors[0] > 1e-3  # the clip's range: what the issue measured
+    assert max(errors[1:]) <= 1e-6, errors
+
+
+def test_a_bound_that_clips_is_seen_in_the_sum_and_widened_and_a_wild_one_is_refused(ready):
+    n = len(ready.clients)
+    xs = vectors(n)  # entries of about 10
+    with pytest.raises(ProtocolError, match="encoding bound"):
+        ready.clients[0].upload(2, xs[0], float("nan"))
+    with pytest.raises(ProtocolError, match="encoding bound"):
+        ready.clients[0].upload(2, xs[0], 2 * ready.settings.clip)
+    ready.server.open(2, sorted(ready.clients), SIZE, 1.0)  # a server choosing a bound far too tight
+    step = ready.server.step({c: ready.clients[c].upload(2, xs[c], 1.0) for c in range(n)})
+    while isinstance(step, dict):
+        step = ready.server.step(ready.exchange(step))
+    share = np.mean([(np.abs(x[:-1]) > 1.0).mean() for x in xs.values()])
+    assert step.encoding.clipped == pytest.approx(share, abs=1e-6) and share > 0.5  # summed, not any one's
+    assert step.encoding.following >= 2.0  # the next round widens

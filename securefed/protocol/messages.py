@@ -27,12 +27,14 @@ class PlainModel(Message):
 class TrainIns(Message):
     """Server to client: train on your data starting from this global model.
 
-    `model` is a PlainModel, or a sealed aggregate that only the clients can open (CKKS).
+    `model` is a PlainModel, or a sealed aggregate that only the clients can open (CKKS). `bound` is the
+    server's encoding bound for this round's update entries, for a fixed-point secure sum (0: the job's clip).
     """
 
     round: int
     spec: SpecDigest
     model: Message
+    bound: float = 0.0
 
 
 @message(2)

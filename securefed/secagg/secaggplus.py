@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ..errors import ProtocolError, RoundAborted, SetupFailed, UpdateRefused
-from ..interfaces import SumClient, SumResult, SumServer
+from ..interfaces import Encoding, SumClient, SumResult, SumServer
 from ..protocol import Array, MaxLen, Message, decode, encode, message
 from ..seeding import stream
 from . import identity, shamir
@@ -45,6 +46,7 @@ from .prg import derive_key, expand
 MAX_CLIENTS = 100_000
 MAX_ROUNDS = 100_000  # the most rounds one setup may cover (FederationConfig allows as many)
 _SHARES_PER_ROUND = 2 * shamir.SHARE_BYTES  # mask-key share, then self-seed share
+BOUND_MARGIN = 2.0  # the next round's encoding bound, over the largest entry of this round's sum
 
 Key32 = Annotated[bytes, MaxLen(32)]
 KeyTable = Annotated[np.ndarray, Array(("uint8",), ndim=2)]  # one 32-byte row per round
@@ -160,7 +162,7 @@ class SecAggPlusSettings:
     rounds: int  # the job's last round: no setup reaches past it
     degree: int  # k: neighbours per client
     threshold: int  # t: shares needed to recover a secret
-    clip: float  # bound on each entry of the summed vectors
+    clip: float  # bound on n_k, and the widest bound on an entry of n_k·Δ (the server may set a tighter one per round)
     seed: int  # the job seed: graph choice and stochastic rounding
     identities: tuple[bytes, ...] = ()  # hardened mode: every client's Ed25519 public key, by client id
 
@@ -168,9 +170,19 @@ class SecAggPlusSettings:
     def hardened(self) -> bool:
         return bool(self.identities)
 
-    @property
-    def encoding(self) -> FixedPoint:
-        return FixedPoint(self.clip, self.clients)
+    def encoding(self, size: int, bound: float) -> FixedPoint:
+        """The fixed point of a round's masked vector [n_k·Δ_k, n_k, clipped fraction] of `size` entries: the
+        update's entries within `bound`, n_k within the clip, the fraction of entries clipped within 1."""
+        return FixedPoint(np.concatenate([np.full(size - 2, bound), [self.clip, 1.0]]), self.clients)
+
+    def round_bound(self, bound: float) -> float:
+        """The bound a round's update entries are encoded in: the server's choice (0: the clip), within the clip.
+        Any choice is safe for privacy (values are clipped before masking); a poor one only costs precision."""
+        if bound == 0:
+            return self.clip
+        if not (math.isfinite(bound) and self.clip * 2.0**-60 <= bound <= self.clip):
+            raise ProtocolError(f"the server's encoding bound {bound!r} is outside (clip·2^-60, clip]")
+        return bound
 
 
 def seed_commitment(settings: SecAggPlusSettings, client: int, round: int, seed: bytes) -> bytes:
@@ -356,11 +368,15 @@ class SecAggPlusClient(SumClient):
                                 f"{self.settings.clip:g}: raise [secagg] clip")
         return setup
 
-    def upload(self, round: int, vector: np.ndarray) -> MaskedUpload:
+    def upload(self, round: int, vector: np.ndarray, bound: float = 0.0) -> MaskedUpload:
         setup = self.admit(round, float(vector[-1]))
+        bound = self.settings.round_bound(bound)
+        encoding = self.settings.encoding(len(vector) + 1, bound)
+        clipped = float((np.abs(vector[:-1]) > bound).mean()) if len(vector) > 1 else 0.0  # summed like the rest
+        vector = np.append(np.asarray(vector, dtype=np.float64), clipped)
+        masked = encoding.encode(vector, stream(self.settings.seed, "secagg-rounding", round, self.cid))
         setup.uploaded.add(round)
         size = len(vector)
-        masked = self.settings.encoding.encode(vector, stream(self.settings.seed, "secagg-rounding", round, self.cid))
         masked += self_mask(self.settings, setup.seeds[round], round, self.cid, size)
         index = round - setup.rounds.start
         for v, advert in setup.adverts.items():
@@ -485,7 +501,8 @@ def _components(members: set[int], graph: Mapping[int, tuple[int, ...]]) -> list
 class _Round:
     number: int
     cohort: frozenset[int]
-    size: int
+    size: int  # entries of a masked vector: the update, n_k and the clipped fraction
+    bound: float  # the update entries' encoding bound
     stage: str = "upload"  # then "consistency" (hardened mode), then "unmask"
     total: np.ndarray | None = None
     survivors: tuple[int, ...] = ()
@@ -567,12 +584,12 @@ class SecAggPlusServer(SumServer):
 
     # rounds
 
-    def open(self, round: int, cohort: Sequence[int], size: int) -> None:
+    def open(self, round: int, cohort: Sequence[int], size: int, bound: float = 0.0) -> None:
         if self._stage != "ready":
             raise RoundAborted(f"round {round}: the secure-aggregation setup is not complete")
         if round not in self._rounds:
             raise RoundAborted(f"round {round}: the secure-aggregation setup does not cover it")
-        self._round = _Round(round, frozenset(cohort), size)
+        self._round = _Round(round, frozenset(cohort), size + 1, self.settings.round_bound(bound))  # and clipped
 
     def step(self, replies: Mapping[int, Message]) -> Mapping[int, Message] | SumResult:
         state = self._round
@@ -677,8 +694,21 @@ class SecAggPlusServer(SumServer):
                         total -= mask
                     else:
                         total += mask
-        return SumResult(total=self.settings.encoding.decode(total), contributors=state.survivors,
-                         rejected=state.rejected)
+        encoding = self.settings.encoding(state.size, state.bound)
+        decoded, contributors = encoding.decode(total), len(state.survivors)
+        clipped = max(0.0, float(decoded[-1])) / contributors
+        return SumResult(total=decoded[:-1], contributors=state.survivors, rejected=state.rejected,
+                         encoding=Encoding(bound=state.bound, clipped=clipped,
+                                           error=float(encoding.error_bound(contributors)[0]),
+                                           following=self._following_bound(decoded[:-2], clipped, state.bound)))
+
+    def _following_bound(self, total: np.ndarray, clipped: float, bound: float) -> float:
+        """The next round's bound: BOUND_MARGIN times this sum's largest entry (no single update's entry is
+        usually larger than the sum's), doubled while clients still clip; 0 (the clip) when out of range."""
+        following = BOUND_MARGIN * float(np.abs(total).max()) if total.size else 0.0
+        if clipped > 0:
+            following = max(following, 2 * bound)
+        return min(following, self.settings.clip) if following >= self.settings.clip * 2.0**-60 else 0.0
 
     def _agree(self, round: int, private: X25519PrivateKey, public: np.ndarray) -> bytes:
         try:
