@@ -76,7 +76,14 @@ def _aggregation(job: JobConfig, records: Sequence[dict]) -> str:
     setup = next((r["setup"] for r in records if "setup" in r), None)
     cost = (f" Setup: {setup['bytes_up'] / 1024:.1f} KB up, {setup['bytes_down'] / 1024:.1f} KB down, "
             f"{setup['seconds']:.2f} s." if setup else "")
-    return f"- Aggregation: {sum_kind(job).describe(job, cost)}"
+    line = f"- Aggregation: {sum_kind(job).describe(job, cost)}"
+    encodings = [(r["round"], r["encoding"]) for r in records if "encoding" in r]
+    if encodings:
+        worst = max((e.get("relative_error") or 0.0, n) for n, e in encodings)
+        clipped = max(e["clipped"] for _, e in encodings)
+        line += (f" Fixed-point encoding: largest rounding error {worst[0]:.1e} of the sum's largest entry (round "
+                 f"{worst[1]}); at most {clipped:.2%} of the entries clipped in a round.")
+    return line
 
 
 def _privacy(job: JobConfig, records: Sequence[dict]) -> str:
