@@ -5,6 +5,10 @@ runtime. d = 74,499: the MiniLM LoRA r=8 trainable vector (74,498 values) plus t
 CKKS runs at the full d up to --ckks-max clients; beyond that only its summation error is measured,
 on one ciphertext chunk (4,096 values), since encrypting 1,000 full vectors takes minutes.
 
+With Flower installed (the `flower` extra), Flower's own SecAgg+ runs the same round beside ours
+(benchmarks/flower_secaggplus.py, up to --flower-max clients). Flower runs its key setup in every round;
+ours runs it once per job, so both "per round" and "per round with our setup" are compared.
+
     python benchmarks/secagg.py [--clients 10 50 1000] [--dropout 0.3]     # prints JSON on stdout
 """
 
@@ -115,7 +119,20 @@ def ckks_round(n: int, size: int, rng: np.random.Generator) -> dict:
             "max_error_of_the_average": float(np.abs(opened - expected).max())}
 
 
-def bench(n: int, dropout: float, ckks_max: int, seed: int = 0) -> dict:
+def flower_baseline(n: int, ours: dict) -> dict:
+    """Flower's SecAgg+ on the same n and d, and how ours compares; empty without Flower."""
+    try:
+        from flower_secaggplus import flower_secaggplus_round
+    except ImportError:
+        return {}
+    flower = flower_secaggplus_round(n, SIZE)
+    with_setup = ours["seconds_per_round"] + ours["setup"]["seconds"]
+    return {"flower_secaggplus": flower,
+            "flower_over_ours_time": flower["seconds_per_round"] / ours["seconds_per_round"],
+            "flower_over_ours_time_with_our_setup": flower["seconds_per_round"] / with_setup}
+
+
+def bench(n: int, dropout: float, ckks_max: int, flower_max: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     vectors = {c: rng.normal(0, 1, SIZE).astype(np.float32) for c in range(n)}
     exact = sum(v.astype(np.float64) for v in vectors.values())
@@ -157,6 +174,7 @@ def bench(n: int, dropout: float, ckks_max: int, seed: int = 0) -> dict:
             "dropout_max_error": float(np.abs(dropped.total - survivors_sum).max()),
         },
         "secaggplus_over_plaintext_time": full_seconds / plain_seconds,
+        **(flower_baseline(n, {"seconds_per_round": full_seconds, "setup": setup}) if n <= flower_max else {}),
         "ckks": (ckks_round(n, SIZE, rng) if n <= ckks_max
                  else {"one_chunk_of_4096": ckks_round(n, 4096, rng)}),
     }
@@ -167,10 +185,11 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 50, 1000])
     parser.add_argument("--dropout", type=float, default=0.3)
     parser.add_argument("--ckks-max", type=int, default=1000, help="largest n for CKKS at the full vector size")
+    parser.add_argument("--flower-max", type=int, default=50, help="largest n for Flower's SecAgg+ beside ours")
     args = parser.parse_args(argv)
     results = []
     for n in args.clients:
-        results.append(bench(n, args.dropout, args.ckks_max))
+        results.append(bench(n, args.dropout, args.ckks_max, args.flower_max))
         print(f"n={n} done", file=sys.stderr)
     print(json.dumps({"benchmark": "secagg", "note": "seconds cover every party of the round run in one process, "
                       "training excluded", "results": results}, indent=2))

@@ -98,7 +98,7 @@ def vectors(n: int, seed: int = 0) -> dict[int, np.ndarray]:
 
 def encoded_sum(settings: SecAggPlusSettings, number: int, xs: dict[int, np.ndarray], members) -> np.ndarray:
     """The plaintext sum of the encoded vectors, with the same stochastic rounding the clients use."""
-    enc = settings.encoding(SIZE + 1, settings.clip)
+    enc = settings.encoding(settings.clip)
     total = np.zeros(SIZE + 1, dtype=np.uint32)
     for c in members:
         clipped = float((np.abs(xs[c][:-1]) > settings.clip).mean())
@@ -119,14 +119,17 @@ def test_shamir_any_t_shares_recover_and_fewer_do_not():
 
 
 def test_fixed_point_sum_decodes_to_the_float_sum():
-    enc = FixedPoint(50.0, parties=20)
+    enc = FixedPoint(50.0, parties=20, tail=(5000.0,))  # the last entry in a range of its own, as n_k is
     rng = np.random.default_rng(3)
     xs = rng.uniform(-50, 50, (20, 1000))
+    xs[:, -1] *= 100
     total = np.zeros(1000, dtype=np.uint32)
     for x in xs:
         total += enc.encode(x, rng)
-    assert np.abs(enc.decode(total) - xs.sum(0)).max() <= 20 / enc.scale
-    assert enc.decode(enc.encode(np.array([1e9, -1e9]), rng)) == pytest.approx([50.0, -50.0], abs=1 / enc.scale)
+    error = np.abs(enc.decode(total) - xs.sum(0))
+    assert error[:-1].max() <= enc.error_bound(20) and error[-1] <= 20 / enc.tail_scale[0]
+    assert enc.decode(enc.encode(np.array([1e9, -1e9, 1e9]), rng)) == pytest.approx([50.0, -50.0, 5000.0],
+                                                                                    abs=1 / enc.tail_scale[0])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -328,7 +331,7 @@ def test_a_masked_upload_alone_looks_uniform():
     assert masked.dtype == np.uint32
     counts = np.bincount(masked >> 24, minlength=256)
     assert stats.chisquare(counts).pvalue > 1e-6
-    plain = settings.encoding(size, 1.0).encode(zeros, np.random.default_rng(0))
+    plain = settings.encoding(1.0).encode(zeros, np.random.default_rng(0))
     assert stats.chisquare(np.bincount(plain >> 24, minlength=256)).pvalue < 1e-6
 
 

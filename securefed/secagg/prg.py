@@ -24,6 +24,20 @@ def derive_key(secret: bytes, *, job: bytes, purpose: str, round: int, parties: 
 
 def expand(key: bytes, size: int) -> np.ndarray:
     """`size` pseudo-random uint32 values: the AES-256-CTR keystream under `key`."""
-    encryptor = Cipher(algorithms.AES256(key), modes.CTR(_ZERO_BLOCK)).encryptor()
-    stream = encryptor.update(bytes(4 * size))  # keystream XOR zeros
-    return np.frombuffer(stream, dtype="<u4").astype(np.uint32)
+    return Keystreams(size).expand(key).copy()
+
+
+class Keystreams:
+    """Keystreams of one size into one reused buffer: a round adds k+1 masks of 4·d bytes each, and allocating
+    each anew cost about as much as making it."""
+
+    def __init__(self, size: int):
+        self._zeros = bytes(4 * size)
+        self._out = np.empty(size + 4, dtype="<u4")  # update_into wants room for a block more than its input
+        self._size = size
+
+    def expand(self, key: bytes) -> np.ndarray:
+        """The keystream under `key`, valid until the next call."""
+        encryptor = Cipher(algorithms.AES256(key), modes.CTR(_ZERO_BLOCK)).encryptor()
+        encryptor.update_into(self._zeros, memoryview(self._out).cast("B"))  # keystream XOR zeros
+        return self._out[: self._size]

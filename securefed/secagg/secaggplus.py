@@ -41,7 +41,7 @@ from . import identity, shamir
 from .channel import channel_key, check_public_key, public_bytes, seal, shared_secret, unseal
 from .encoding import FixedPoint
 from .graph import neighbour_graph
-from .prg import derive_key, expand
+from .prg import Keystreams, derive_key
 
 MAX_CLIENTS = 100_000
 MAX_ROUNDS = 100_000  # the most rounds one setup may cover (FederationConfig allows as many)
@@ -170,10 +170,10 @@ class SecAggPlusSettings:
     def hardened(self) -> bool:
         return bool(self.identities)
 
-    def encoding(self, size: int, bound: float) -> FixedPoint:
-        """The fixed point of a round's masked vector [n_k·Δ_k, n_k, clipped fraction] of `size` entries: the
-        update's entries within `bound`, n_k within the clip, the fraction of entries clipped within 1."""
-        return FixedPoint(np.concatenate([np.full(size - 2, bound), [self.clip, 1.0]]), self.clients)
+    def encoding(self, bound: float) -> FixedPoint:
+        """The fixed point of a round's masked vector [n_k·Δ_k, n_k, clipped fraction]: the update's entries
+        within `bound`, n_k within the clip, the fraction of entries clipped within 1."""
+        return FixedPoint(bound, self.clients, tail=(self.clip, 1.0))
 
     def round_bound(self, bound: float) -> float:
         """The bound a round's update entries are encoded in: the server's choice (0: the clip), within the clip.
@@ -202,14 +202,16 @@ def signed_by(settings: SecAggPlusSettings, client: int, signature: bytes, conte
     return 0 <= client < len(settings.identities) and identity.verify(settings.identities[client], signature, content)
 
 
-def self_mask(settings: SecAggPlusSettings, seed: bytes, round: int, client: int, size: int) -> np.ndarray:
-    return expand(derive_key(seed, job=settings.job, purpose="self-mask", round=round, parties=(client,)), size)
+def self_mask(settings: SecAggPlusSettings, seed: bytes, round: int, client: int, streams: Keystreams) -> np.ndarray:
+    """Client's own mask in `round`, valid until `streams` makes the next."""
+    return streams.expand(derive_key(seed, job=settings.job, purpose="self-mask", round=round, parties=(client,)))
 
 
-def pair_mask(settings: SecAggPlusSettings, secret: bytes, round: int, a: int, b: int, size: int) -> np.ndarray:
+def pair_mask(settings: SecAggPlusSettings, secret: bytes, round: int, a: int, b: int,
+              streams: Keystreams) -> np.ndarray:
     """The mask clients a and b share in `round`; the lower id adds it, the higher subtracts it."""
     key = derive_key(secret, job=settings.job, purpose="pair-mask", round=round, parties=tuple(sorted((a, b))))
-    return expand(key, size)
+    return streams.expand(key)
 
 
 # ---------------------------------------------------------------- client
@@ -371,17 +373,19 @@ class SecAggPlusClient(SumClient):
     def upload(self, round: int, vector: np.ndarray, bound: float = 0.0) -> MaskedUpload:
         setup = self.admit(round, float(vector[-1]))
         bound = self.settings.round_bound(bound)
-        encoding = self.settings.encoding(len(vector) + 1, bound)
-        clipped = float((np.abs(vector[:-1]) > bound).mean()) if len(vector) > 1 else 0.0  # summed like the rest
-        vector = np.append(np.asarray(vector, dtype=np.float64), clipped)
-        masked = encoding.encode(vector, stream(self.settings.seed, "secagg-rounding", round, self.cid))
+        update = np.asarray(vector[:-1])
+        clipped = np.count_nonzero(np.abs(update) > bound) / update.size if update.size else 0.0  # summed too
+        vector = np.append(vector, np.asarray(clipped, dtype=vector.dtype))
+        masked = self.settings.encoding(bound).encode(vector, stream(self.settings.seed, "secagg-rounding", round,
+                                                                     self.cid))
         setup.uploaded.add(round)
         size = len(vector)
-        masked += self_mask(self.settings, setup.seeds[round], round, self.cid, size)
+        streams = Keystreams(size)
+        masked += self_mask(self.settings, setup.seeds[round], round, self.cid, streams)
         index = round - setup.rounds.start
         for v, advert in setup.adverts.items():
             secret = shared_secret(setup.mask_keys[round], bytes(advert.mask_keys[index]))
-            mask = pair_mask(self.settings, secret, round, self.cid, v, size)
+            mask = pair_mask(self.settings, secret, round, self.cid, v, streams)
             if self.cid < v:
                 masked += mask
             else:
@@ -672,14 +676,14 @@ class SecAggPlusServer(SumServer):
         for shares in (*seed_shares.values(), *key_shares.values()):
             for holder in [h for h, share in shares.items() if len(share) != shamir.SHARE_BYTES]:
                 del shares[holder]  # malformed: as if it never came
-        total = state.total
+        total, streams = state.total, Keystreams(state.size)
         index = state.number - self._rounds.start
         for s in state.survivors:
             seed = self._recover(state.number, s, seed_shares[s], "self-mask seed")
             if seed_commitment(self.settings, s, state.number, seed) != bytes(self._adverts[s].seed_commitments[index]):
                 raise RoundAborted(f"round {state.number}: the shares of client {s}'s self-mask seed do not match "
                                    "its commitment (a share was altered)")
-            total -= self_mask(self.settings, seed, state.number, s, state.size)
+            total -= self_mask(self.settings, seed, state.number, s, streams)
         alive = set(state.survivors)
         for d in sorted(state.dropped):
             private = X25519PrivateKey.from_private_bytes(self._recover(state.number, d, key_shares[d], "mask key"))
@@ -689,17 +693,17 @@ class SecAggPlusServer(SumServer):
             for s in self._graph[d]:
                 if s in alive:
                     secret = self._agree(state.number, private, self._adverts[s].mask_keys[index])
-                    mask = pair_mask(self.settings, secret, state.number, s, d, state.size)
+                    mask = pair_mask(self.settings, secret, state.number, s, d, streams)
                     if s < d:  # s added this mask for its dropped neighbour: take it out
                         total -= mask
                     else:
                         total += mask
-        encoding = self.settings.encoding(state.size, state.bound)
+        encoding = self.settings.encoding(state.bound)
         decoded, contributors = encoding.decode(total), len(state.survivors)
         clipped = max(0.0, float(decoded[-1])) / contributors
         return SumResult(total=decoded[:-1], contributors=state.survivors, rejected=state.rejected,
                          encoding=Encoding(bound=state.bound, clipped=clipped,
-                                           error=float(encoding.error_bound(contributors)[0]),
+                                           error=encoding.error_bound(contributors),
                                            following=self._following_bound(decoded[:-2], clipped, state.bound)))
 
     def _following_bound(self, total: np.ndarray, clipped: float, bound: float) -> float:
