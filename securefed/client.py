@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -14,7 +15,7 @@ from .data import EncodedDataset, PadCollator
 from .errors import ProtocolError, UpdateRefused
 from .interfaces import LossTerm, Observer, SumClient, TrainingWrapper
 from .models import Evaluation, FlatView
-from .protocol import EvaluateIns, EvaluateRes, Message, TrainIns, TrainRes
+from .protocol import EvaluateIns, EvaluateRes, FinalIns, FinalRes, Message, TrainIns, TrainRes
 from .seeding import stream, stream_seed
 from .sent import SentRounds
 from .weighting import BY_EXAMPLES, Weighting
@@ -56,6 +57,7 @@ class Client:
         weighting: Weighting = BY_EXAMPLES,
         loss: Callable[[torch.nn.Module, dict], torch.Tensor] = lambda module, batch: module(**batch).loss,
         sent: SentRounds | None = None,
+        keep: Callable[[np.ndarray], None] | None = None,
     ):
         self.cid = cid
         self.model = model
@@ -71,6 +73,7 @@ class Client:
         self.weighting = weighting
         self.loss = loss  # the task's: the mean of the batch's per-example losses
         self.sent = sent or SentRounds()  # the rounds this client sent an update for: never one twice
+        self.keep = keep  # stores the final model, where only clients can open it
 
     @property
     def examples(self) -> int:
@@ -81,6 +84,8 @@ class Client:
             return self.train(msg)
         if isinstance(msg, EvaluateIns):
             return self.evaluate_global(msg)
+        if isinstance(msg, FinalIns):
+            return self.keep_final(msg)
         return self.secure_sum.reply(msg)
 
     def open(self, model: Message, spec: bytes, round: int) -> np.ndarray:
@@ -116,11 +121,21 @@ class Client:
         return TrainRes(round=ins.round, metrics=metrics, upload=upload)
 
     def evaluate_global(self, ins: EvaluateIns) -> EvaluateRes:
-        """Score the global model on the dev split, for a server that cannot read it."""
+        """Score the global model on the dev split, for a server that cannot read it. A client without a dev split
+        (a deployed node) only opens it: the server learns that the sum opens, and no score."""
+        weights = self.open(ins.model, ins.spec, ins.round)
         if self.evaluate is None:
-            raise ProtocolError("this client has no dev split to evaluate on")
-        result = self.evaluate(self.open(ins.model, ins.spec, ins.round))
+            return EvaluateRes(round=ins.round, metrics={"examples": 0.0})
+        result = self.evaluate(weights)
         return EvaluateRes(round=ins.round, metrics={**result.metrics, "examples": float(result.examples)})
+
+    def keep_final(self, ins: FinalIns) -> FinalRes:
+        """Open the final model and store it; the server gets its digest, to see that every client kept the same."""
+        if self.keep is None:
+            raise ProtocolError("this client keeps no final model")
+        weights = self.open(ins.model, ins.spec, ins.round)
+        self.keep(weights)
+        return FinalRes(round=ins.round, digest=hashlib.sha256(np.ascontiguousarray(weights).tobytes()).digest())
 
     def _train_locally(self, round: int) -> list[float]:
         cfg = self.training

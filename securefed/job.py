@@ -6,6 +6,7 @@ a line here; client.py and server.py stay as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,8 +176,9 @@ def verify_key(task: Task, weights: np.ndarray, key: WatermarkKey) -> Verdict:
 
 def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer | None = None,
                 run: RunDir | None = None, key: WatermarkKey | None = None,
-                sum_client: SumClient | None = None) -> Client:
-    """Client `cid`; its secure-sum state machine is `sum_client` (a node's, restored from its state) or new."""
+                sum_client: SumClient | None = None, keep: Callable[[np.ndarray], None] | None = None) -> Client:
+    """Client `cid`; its secure-sum state machine is `sum_client` (a node's, restored from its state) or new;
+    `keep` stores a final model only clients can open (a node's)."""
     fed = task.config.federation
     loss_terms = watermark_terms(task, key) if key is not None else []
     training = LocalTraining(steps=fed.local_steps, batch_size=fed.batch_size, learning_rate=fed.learning_rate,
@@ -185,9 +187,10 @@ def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer |
                              momentum=fed.momentum)
     sum_client = sum_client or task.secagg.client(cid, task.identity_keys.get(cid))
     return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training, sum_client, loss_terms,
-                  observer=observer, evaluate=task.evaluate, wrapper=training_wrapper(task, cid, len(data), run),
+                  observer=observer, evaluate=task.evaluate if len(task.dev) else None,  # a node holds no dev split
+                  wrapper=training_wrapper(task, cid, len(data), run),
                   weighting=task.weighting, loss=task.kind.loss,
-                  sent=SentRounds(run.sent_rounds_file(cid) if run is not None else None))
+                  sent=SentRounds(run.sent_rounds_file(cid) if run is not None else None), keep=keep)
 
 
 def make_server(task: Task, grid: Grid, run: RunDir, observer: Observer | None = None) -> Server:

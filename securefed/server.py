@@ -118,7 +118,7 @@ class Server:
             "contributors": log.contributors,
             "dropped": len(log.dropped),
             "train_loss": _mean([r.metrics["loss"] for r in results.values() if "loss" in r.metrics]),
-            **{f"dev_{name}": evaluation[name] if evaluation else None for name in self.metrics},
+            **{f"dev_{name}": evaluation.metrics.get(name) if evaluation else None for name in self.metrics},
             "bytes_down": log.bytes_down,
             "bytes_up": log.bytes_up,
             "seconds": {
@@ -166,6 +166,8 @@ class Server:
                                dropouts=False)
             reply = exchange.replies.get(cid)
             if isinstance(reply, EvaluateRes) and reply.round == log.round:
+                if reply.metrics == {"examples": 0.0}:  # a node without a dev split opened it: no score
+                    return Evaluation({}, examples=0)
                 m = {k: reply.metrics.get(k, np.nan) for k in (*self.metrics, "examples")}
                 if np.isfinite(list(m.values())).all():
                     examples = int(m.pop("examples"))

@@ -17,6 +17,7 @@ from securefed.secagg.ckks import (
     CkksClient,
     CkksServer,
     CkksSettings,
+    CkksSetupStart,
     CkksSum,
     CkksUpload,
 )
@@ -117,7 +118,7 @@ def test_the_server_holds_no_secret_key_and_refuses_one():
 
 
 def test_with_identities_a_server_cannot_slip_in_a_recipient_or_pose_as_the_holder():
-    from securefed.secagg.ckks import ChannelAdvert, CkksSetupStart, KeyRequest
+    from securefed.secagg.ckks import ChannelAdvert, KeyRequest
 
     fed = Federation(3, signed=True)
     requests = fed.server.setup(list(fed.clients), range(1, 2))
@@ -285,7 +286,7 @@ def _valid_wires() -> list[bytes]:
         requests = fed.server.setup_step(replies)
     start, locals_, sizes = scenario(3)
     result = fed.round(1, start, locals_, sizes)
-    return wires + [encode(result.sealed)]
+    return wires + [encode(result.sealed), fed.clients[1].state()]
 
 
 _VALID = _valid_wires()
@@ -294,6 +295,10 @@ _VALID = _valid_wires()
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(wire=st.one_of(st.deferred(lambda: mutated(_VALID)), st.binary(max_size=200)))
 def test_no_input_crashes_a_ckks_party(wire):
+    try:  # a state a node fails to keep intact is refused too
+        CkksClient(0, CkksSettings(job=bytes(32), clients=3)).restore(wire)
+    except ProtocolError:
+        pass
     try:
         msg = decode(wire)
     except ProtocolError:
@@ -310,3 +315,45 @@ def test_no_input_crashes_a_ckks_party(wire):
         if stage == 0:
             fed.setup()
             fed.server.open(1, range(3), D + 1)
+
+
+def test_clients_rebuilt_from_their_state_before_every_message_sum_open_and_remember():
+    """On Flower a node's client lives for one message: its keys and the sums it opened travel in its state."""
+    fed = Federation(3, signed=True)
+    states = dict.fromkeys(range(3), b"")
+
+    def each(requests: dict) -> dict:
+        replies = {}
+        for cid, request in requests.items():
+            client = CkksClient(cid, fed.settings, fed.clients[cid].identity_key)
+            client.restore(states[cid])
+            replies[cid] = decode(encode(client.reply(decode(encode(request)))))
+            states[cid] = client.state()
+        return replies
+
+    requests = fed.server.setup(list(fed.clients), range(1, 3))
+    while requests:
+        requests = fed.server.setup_step(each(requests))
+    start, locals_, sizes = scenario(3)
+    uploads = {}
+    for c in range(3):
+        client = CkksClient(c, fed.settings, fed.clients[c].identity_key)
+        client.restore(states[c])
+        weights = client.open_model(PlainModel(weights=start), D)
+        uploads[c] = decode(encode(client.upload(1, fed.settings.weighting.contribution(locals_[c] - weights,
+                                                                                          sizes[c]))))
+    fed.server.open(1, range(3), D + 1)
+    result = fed.server.step(uploads)
+    client = CkksClient(1, fed.settings, fed.clients[1].identity_key)
+    client.restore(states[1])
+    expected = np.average([locals_[c] for c in range(3)], axis=0, weights=[sizes[c] for c in range(3)])
+    np.testing.assert_allclose(client.open_model(decode(encode(result.sealed)), D), expected, atol=1e-6)
+    again = CkksClient(1, fed.settings, fed.clients[1].identity_key)
+    again.restore(client.state())
+    with pytest.raises(ProtocolError, match="second, different sealed sum"):
+        again.open_model(_forged_sum(fed, 1, uploads, {0: 1, 2: 1}, [0, 2]), D)
+    with pytest.raises(ProtocolError, match="keyed for the job already"):  # and no new key exchange
+        again.reply(CkksSetupStart())
+    for broken in (b"\x00" * 10, encode(PlainModel(weights=start))):
+        with pytest.raises(ProtocolError):
+            CkksClient(1, fed.settings, fed.clients[1].identity_key).restore(broken)

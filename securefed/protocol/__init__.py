@@ -1,7 +1,7 @@
 """Typed messages and their binary codec; no transport here."""
 
 from .codec import DEFAULT_MAX_BYTES, Array, MaxLen, Message, decode, encode, message
-from .messages import EvaluateIns, EvaluateRes, PlainModel, TrainIns, TrainRes
+from .messages import EvaluateIns, EvaluateRes, FinalIns, FinalRes, PlainModel, TrainIns, TrainRes
 
-__all__ = ["DEFAULT_MAX_BYTES", "Array", "EvaluateIns", "EvaluateRes", "MaxLen", "Message", "PlainModel", "TrainIns",
-           "TrainRes", "decode", "encode", "message"]
+__all__ = ["DEFAULT_MAX_BYTES", "Array", "EvaluateIns", "EvaluateRes", "FinalIns", "FinalRes", "MaxLen", "Message",
+           "PlainModel", "TrainIns", "TrainRes", "decode", "encode", "message"]

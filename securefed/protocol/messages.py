@@ -58,4 +58,21 @@ class EvaluateIns(Message):
 @message(5)
 class EvaluateRes(Message):
     round: int
-    metrics: dict[str, float]  # loss, accuracy, examples
+    metrics: dict[str, float]  # loss, accuracy, examples; only examples = 0 from a client with no dev split,
+    # which opened the model (so it is a sum clients can open) but could not score it
+
+
+@message(6)
+class FinalIns(Message):
+    """Server to client: open the final global model and keep it. For a model only clients can open (CKKS), on a
+    runtime whose clients keep their own files (Flower)."""
+
+    round: int
+    spec: SpecDigest
+    model: Message
+
+
+@message(7)
+class FinalRes(Message):
+    round: int
+    digest: SpecDigest  # SHA-256 of the weights the client kept: every client should keep the same

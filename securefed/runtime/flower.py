@@ -20,7 +20,7 @@ from flwr.serverapp import ServerApp
 
 from ..errors import SecurefedError
 from ..interfaces import Exchange, Grid, Observer
-from ..protocol import Message, encode
+from ..protocol import FinalIns, FinalRes, Message, PlainModel, encode
 from ..report import headline_score
 from ..rundir import RunDir
 from .deployment import AppConfig, check_deployable
@@ -165,9 +165,28 @@ def run_job(grid: FlowerGridApi, app: AppConfig, log: Observer) -> RunDir:
     log.notice(f"run directory {run_dir.path}; waiting for {app.job.federation.clients} clients")
     nodes = discover(grid, app.job.federation.clients, app.join_timeout, log)
     log.notice(f"{len(nodes)} of {app.job.federation.clients} clients joined")
-    conduct(task, run_dir, FlowerGrid(grid, nodes, app.reply_timeout), log)  # the keys stay on the nodes
+    flower_grid = FlowerGrid(grid, nodes, app.reply_timeout)
+    conduct(task, run_dir, flower_grid, log,  # the watermark keys stay on the nodes
+            open_model=lambda model: _final_model(flower_grid, model, task, log))
     log.notice(f"done: {run_dir.report_file}")
     return run_dir
+
+
+def _final_model(grid: FlowerGrid, model: Message, task, log: Observer):
+    """The final weights if they are in clear; a sealed model (CKKS) the nodes open and keep in their own
+    folders instead, since the server cannot, and no node sends it back in clear."""
+    if isinstance(model, PlainModel):
+        return model.weights
+    final = FinalIns(round=task.config.federation.rounds, spec=task.bundle.view.spec.digest, model=model)
+    exchange = grid.exchange(dict.fromkeys(grid.nodes, final))
+    digests = {cid: r.digest for cid, r in exchange.replies.items() if isinstance(r, FinalRes)}
+    if not digests:
+        raise SecurefedError("no client could open the final model")
+    if len(set(digests.values())) > 1:
+        raise SecurefedError("the clients opened different final models")
+    log.notice(f"the final model stays with the clients: {len(digests)} of {len(grid.nodes)} nodes kept it in "
+               f"their folders (SHA-256 {next(iter(digests.values())).hex()[:16]})")
+    return None
 
 
 # ---------------------------------------------------------------- client side

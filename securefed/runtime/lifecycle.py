@@ -23,17 +23,18 @@ ERRORS = "errors.log"  # the tracebacks of bugs that stopped the job, in its run
 @dataclass(frozen=True)
 class RunResult:
     run: RunDir
-    weights: np.ndarray
+    weights: np.ndarray | None  # None: the final model stayed with the clients (a sealed one, on Flower)
     records: list[dict]
     resumed_from: int
     watermarks: list[dict] = field(default_factory=list)  # each key at hand checked against the final model
 
 
 def conduct(task: jobs.Task, run: RunDir, grid: Grid, observer: Observer, *, resuming: bool = False,
-            open_model: Callable[[Message], np.ndarray] | None = None,
+            open_model: Callable[[Message], np.ndarray | None] | None = None,
             keys: Sequence[WatermarkKey] = ()) -> RunResult:
     """Run the job's remaining rounds over `grid`, then write the model and the report. `open_model` reads the
-    final model (a sealed one: only a client can); by default it must be in clear."""
+    final model (a sealed one: only a client can), or has the clients keep it and returns None; by default it must
+    be in clear."""
     server = jobs.make_server(task, grid, run, observer)
     model, start = PlainModel(weights=task.bundle.view.get()), 1
     if resuming:
@@ -50,9 +51,10 @@ def conduct(task: jobs.Task, run: RunDir, grid: Grid, observer: Observer, *, res
             log.write(bug.details + "\n")
         raise JobFailed(f"{bug} (a bug, not a dropout; the traceback is in {run.path / ERRORS})") from None
     weights = (open_model or _in_clear)(model)
-    jobs.save_model(task, weights, run.model_dir)
+    if weights is not None:
+        jobs.save_model(task, weights, run.model_dir)
     records = run.records()
-    verdicts = [jobs.verify_key(task, weights, key).as_dict() for key in keys]
+    verdicts = [jobs.verify_key(task, weights, key).as_dict() for key in keys] if weights is not None else []
     write_report(run, task.config, records, verdicts)
     if records and all("aborted" in r for r in records):  # a resumed round may abort; a whole job should not
         raise JobFailed(f"every round aborted (round {records[-1]['round']}: {records[-1]['aborted']}); the model "

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..config import JobConfig
 from ..errors import ConfigError, DataError, ProtocolError, SecurefedError
-from ..protocol import Message, TrainIns, decode, encode
+from ..protocol import EvaluateIns, FinalIns, TrainIns, decode, encode
 from ..rundir import RunDir, write_atomic
 from ..secagg import identity
 from ..secagg.channel import seal, unseal
@@ -123,8 +123,8 @@ def answer(app: AppConfig, node: Node, flower_run: int, wire: bytes, sealed: byt
             sum_client = secure_sum(app.job).client(node.client, node.identity_key(app.job))
             sum_client.restore(keeper.open(sealed))
             try:
-                if isinstance(request, TrainIns):  # a node holds no dev split: it never evaluates (CKKS's EvaluateIns)
-                    reply = _train(app, node, run, sum_client, request)
+                if isinstance(request, (TrainIns, EvaluateIns, FinalIns)):  # these need the model
+                    reply = _client(app, node, run, sum_client).handle(request)
                 else:
                     reply = sum_client.reply(request)
             finally:  # what the client did (an upload's round, a revealed share) must hold even if the reply is lost
@@ -195,9 +195,12 @@ def _load(app: AppConfig, node: Node):
     return _loaded[key]
 
 
-def _train(app: AppConfig, node: Node, run: RunDir, sum_client, request: TrainIns) -> Message:
+def _client(app: AppConfig, node: Node, run: RunDir, sum_client):
+    """The node's client: it trains, opens a sealed model without scoring it (a node holds no dev split), and keeps
+    a final model only clients can open in its own folder."""
     from .. import job as jobs
 
     task = _task(app, node)
     key = jobs.watermark_key(task, run, node.client, node.key) if app.job.watermark else None
-    return jobs.make_client(task, node.client, task.train, run=run, key=key, sum_client=sum_client).handle(request)
+    return jobs.make_client(task, node.client, task.train, run=run, key=key, sum_client=sum_client,
+                            keep=lambda weights: jobs.save_model(task, weights, run.model_dir))

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ..errors import ProtocolError, RoundAborted, SetupFailed
 from ..interfaces import SealedSum, SumClient, SumServer
-from ..protocol import MaxLen, Message, encode, message
+from ..protocol import MaxLen, Message, decode, encode, message
 from ..weighting import BY_EXAMPLES, Weighting
 from . import identity
 from .channel import channel_key, check_public_key, public_bytes, seal, unseal
@@ -65,6 +65,7 @@ MAX_CIPHERTEXT = 2 * POLY_DEGREE * len(COEFF_BITS) * 8 + 4096
 TAGS = 4  # contributor tag slots: a forged sum passes with probability about (2·TAG_TOLERANCE)^TAGS
 TAG_TOLERANCE = 1e-5  # CKKS noise on a summed slot is below 1e-7 here, even over MAX_CLIENTS uploads
 TAG_KEY_BYTES = 32
+MAX_ROUNDS = 100_000
 
 Key32 = Annotated[bytes, MaxLen(32)]
 Ids = Annotated[tuple[int, ...], MaxLen(MAX_CLIENTS)]
@@ -123,6 +124,18 @@ class CkksSum(Message):
     size: int  # entries in the model (the sum also holds Σ w_k, the count and the tags)
     contributors: Ids  # whose uploads the sum holds, ascending: the tags must say the same
     chunks: Chunks
+
+
+@message(72)
+class CkksState(Message):
+    """A client's CKKS keys and the sums it opened, between the processes of a deployed client. Never sent: the
+    node seals it under a key of its own folder (runtime/node.py)."""
+
+    channel: Annotated[bytes, MaxLen(32)]  # its X25519 channel key, private, until it holds the CKKS key
+    context: Blob  # the secret CKKS context, once keyed
+    tag_key: Annotated[bytes, MaxLen(TAG_KEY_BYTES)]
+    opened_rounds: Annotated[tuple[int, ...], MaxLen(MAX_ROUNDS)]
+    opened: Annotated[tuple[bytes, ...], MaxLen(MAX_ROUNDS, item=32)]  # each round's one sum, as its digest
 
 
 def new_context() -> ts.Context:
@@ -220,7 +233,24 @@ class CkksClient(SumClient):
         self._opened: dict[int, bytes] = {}  # round → digest of the one sealed sum of it this client opens
 
     def state(self) -> bytes:
-        raise ProtocolError("a CKKS client keeps its secret key in memory only; it cannot run one process per message")
+        channel = self._channel.private_bytes_raw() if self._channel is not None and self._context is None else b""
+        context = serialize_context(self._context, secret=True) if self._context is not None else b""
+        return encode(CkksState(channel=channel, context=context, tag_key=self._tag_key,
+                                opened_rounds=tuple(self._opened), opened=tuple(self._opened.values())))
+
+    def restore(self, state: bytes) -> None:
+        if not state:
+            return
+        saved = decode(state, CkksState)
+        if len(saved.opened_rounds) != len(saved.opened) or len(saved.tag_key) not in (0, TAG_KEY_BYTES):
+            raise ProtocolError("a CKKS client state that does not hold together")
+        try:
+            self._channel = X25519PrivateKey.from_private_bytes(saved.channel) if saved.channel else None
+        except ValueError:
+            raise ProtocolError("a CKKS client state with a broken channel key") from None
+        self._context = load_context(saved.context, secret=True) if saved.context else None
+        self._tag_key = saved.tag_key
+        self._opened = dict(zip(saved.opened_rounds, saved.opened))
 
     def reply(self, request: Message) -> Message:
         if isinstance(request, CkksSetupStart):

@@ -18,14 +18,9 @@ class Ckks(SecureSum):
                             weighting=self.weighting)
 
     @classmethod
-    def refuses_flower(cls, config) -> str | None:
-        return ("CKKS cannot run on Flower yet (its clients keep the secret key in memory, and Flower starts a new "
-                "process per message); use secaggplus")
-
-    @classmethod
     def refuses_resume(cls, config) -> str | None:
-        return ("a CKKS run's key lived only in its clients' memory, so its sealed checkpoints cannot be opened "
-                "again; start the job anew")
+        return ("a CKKS run's key lived only with its clients for that run, so its sealed checkpoints cannot be "
+                "opened again; start the job anew")
 
     def server(self) -> CkksServer:
         return CkksServer(self.settings)
