@@ -115,3 +115,30 @@ def test_a_node_killed_mid_round_is_a_dropout_and_the_job_finishes(federation, t
     # killed within a second of round 1's commit, node 2 has next to no chance to upload for round 2
     assert records[0]["contributors"] == 3 and records[1]["contributors"] in (2, 3)
     assert records[2]["contributors"] == 2 and records[1]["dropped"] + records[2]["dropped"] >= 1
+
+
+def test_a_signed_ckks_job_on_flower_leaves_each_node_the_in_process_model(federation, tmp_path):
+    """CKKS with a signed key exchange on real Flower processes (TLS, node authentication): the server never
+    holds the model in clear; each node opens the last sum and keeps the model the in-process run writes."""
+    config = load_job(federation.job)
+    job = write_job(tmp_path, config.model.name, config.data.train, config.data.dev,
+                    federation={"rounds": 2, "clients": CLIENTS}, privacy={"epsilon": 8.0, "max_grad_norm": 1.0},
+                    secagg={"mode": "ckks", "identities": str(federation.root / "identities")})
+    deployment = Loopback(tmp_path / "flower")
+    try:
+        run_dir = deployment.run_job(job, RUN_SECONDS, dp_secret=SECRET)
+    finally:
+        deployment.stop_all()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["contributors"] for r in records] == [CLIENTS, CLIENTS] and not any("aborted" in r for r in records)
+    assert not (run_dir / "model").exists()
+    prepared = prepare(load_job(job), out=tmp_path / "local")
+    (tmp_path / "local" / "secrets").mkdir(mode=0o700)
+    (tmp_path / "local" / "secrets" / "dp").write_text(SECRET + "\n", encoding="ascii")
+    execute(prepared)
+    reference = load_file(str(tmp_path / "local" / "model" / "adapter_model.safetensors"))
+    for cid in range(CLIENTS):
+        [kept] = (tmp_path / "flower" / "nodes" / f"client-{cid}").glob("*/model/adapter_model.safetensors")
+        kept = load_file(str(kept))
+        for name in reference:  # CKKS decrypts with noise of about 1e-8
+            np.testing.assert_allclose(kept[name], reference[name], rtol=0, atol=1e-5)
