@@ -237,8 +237,13 @@ def _forged_sum(fed: Federation, number: int, uploads: dict[int, CkksUpload], co
     return CkksSum(round=number, size=D, contributors=tuple(named), chunks=tuple(t.serialize() for t in total))
 
 
+def _chunks_of(fed: Federation, number: int, uploads, copies: dict[int, int]) -> list:
+    return list(_forged_sum(fed, number, uploads, copies, [0, 1]).chunks)
+
+
 @pytest.mark.parametrize("forge", ["one-upload", "one-upload-named-with-others", "three-copies-of-one",
-                                   "a-sum-missing-one", "one-upload-twice-with-another", "last-round-sum"])
+                                   "a-sum-missing-one", "one-upload-twice-with-another", "last-round-sum",
+                                   "first-chunk-of-one-upload", "first-chunk-from-last-round"])
 def test_a_client_opens_only_a_sum_of_exactly_the_contributors_it_names(forge):
     """Issue 17, attack 4: a server returned client 1's upload (or k copies) as the sealed model, and every
     other client opened it and read client 1's model and example count. Tags from a key the server never
@@ -256,6 +261,13 @@ def test_a_client_opens_only_a_sum_of_exactly_the_contributors_it_names(forge):
         "a-sum-missing-one": lambda: _forged_sum(fed, 2, uploads, {0: 1, 1: 1}, [0, 1, 2]),
         "one-upload-twice-with-another": lambda: _forged_sum(fed, 2, uploads, {0: 1, 1: 2}, [0, 1]),
         "last-round-sum": lambda: _forged_sum(fed, 2, earlier, {0: 1, 1: 1, 2: 1}, [0, 1, 2]),
+        # found by review: tags in the last chunk only let the other chunks come from anywhere
+        "first-chunk-of-one-upload": lambda: dataclasses.replace(
+            _forged_sum(fed, 2, uploads, {0: 1, 1: 1}, [0, 1]),
+            chunks=(_chunks_of(fed, 2, uploads, {1: 1})[0], _chunks_of(fed, 2, uploads, {0: 1, 1: 1})[1])),
+        "first-chunk-from-last-round": lambda: dataclasses.replace(
+            _forged_sum(fed, 2, uploads, {0: 1, 1: 1}, [0, 1]),
+            chunks=(_chunks_of(fed, 1, earlier, {0: 1, 1: 1})[0], _chunks_of(fed, 2, uploads, {0: 1, 1: 1})[1])),
     }[forge]()
     match = "at least two" if forge == "one-upload" else "not the sum of the . contributors it names"
     with pytest.raises(ProtocolError, match=match):

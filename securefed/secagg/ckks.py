@@ -8,17 +8,18 @@ Setup, once per job (three exchanges):
   3. KeyDelivery → KeyReceived: each client checks the holder's advert and loads the secret context.
 The server makes its own context from the fixed parameters, without a secret key.
 
-Per round, clients upload CKKS encryptions of [w_k·θ_k, w_k, 1/1024, tags_k], w_k = n_k / 1024 (their
-weighted local model, weight, a count and contributor tags), in chunks of N/2 slots; per-client entries
+Per round, clients upload CKKS encryptions of [w_k·θ_k, w_k, 1/1024], w_k = n_k / 1024 (their weighted
+local model, weight and a count), in chunks of N/2 slots whose last four hold contributor tags; per-client entries
 (the watermark carrier) go unweighted. The server adds them and the encrypted sum becomes the next global
 model: a client opens it as Σ w_k·θ_k / Σ w_k, which is FedAvg, per-client entries over the count. The
 server never sees a model in clear.
 
-Contributor tags: the key holder also seals a random tag key with the secret key. Client k's tags for round
-r are TAGS pseudo-random values in [0, 1) from that key, which the server never holds. A sealed sum names
-its contributors, and a client opens it only if its tag slots hold the sum of exactly those clients' tags
-(and it names at least two): a server that returns one client's upload, k copies of it, or any other
-combination it can compute without the tags, is caught.
+Contributor tags: the key holder also seals a random tag key with the secret key. Each chunk keeps its
+last TAGS slots for tags: client k's tags for round r and chunk c are pseudo-random values in [0, 1) from
+that key, which the server never holds. A sealed sum names its contributors, and a client opens it only if
+the tag slots of every chunk hold the sum of exactly those clients' tags (and it names at least two): a
+server that returns one client's upload, k copies of it, or chunks assembled from different combinations,
+is caught.
 
 Every ciphertext from a peer is checked (one ciphertext of two polynomials, at the first level, scale
 2^40, NTT form, exact slot count) before TenSEAL adds or decrypts it: malformed ones would crash the
@@ -113,7 +114,7 @@ class KeyReceived(Message):
 @message(70)
 class CkksUpload(Message):
     round: int
-    chunks: Chunks  # CKKS vectors of [w_k·θ_k, w_k, count, tags], N/2 slots each
+    chunks: Chunks  # [w_k·θ_k, w_k, count] in CKKS vectors of N/2 slots, each ending in its four tags
 
 
 @message(71)
@@ -162,19 +163,18 @@ def load_context(data: bytes, *, secret: bool) -> ts.Context:
     return context
 
 
-def chunk_sizes(entries: int) -> list[int]:
-    return [min(SLOTS, entries - i) for i in range(0, entries, SLOTS)]
+def payload_sizes(model_size: int) -> list[int]:
+    """How the values of a sealed vector for a model of `model_size` weights (and w_k and a count) fill the chunks:
+    every chunk keeps its last TAGS slots for tags, so each proves by itself whom it holds."""
+    entries, per_chunk = model_size + 2, SLOTS - TAGS
+    return [min(per_chunk, entries - i) for i in range(0, entries, per_chunk)]
 
 
-def sealed_entries(model_size: int) -> int:
-    """Slots a sealed vector takes for a model of `model_size` values: and w_k, a count and the tags."""
-    return model_size + 2 + TAGS
-
-
-def contributor_tags(tag_key: bytes, job: bytes, round: int, client: int) -> np.ndarray:
-    """Client `client`'s tags for `round`, in [0, 1), from the key every client holds and the server does not."""
+def contributor_tags(tag_key: bytes, job: bytes, round: int, client: int, chunks: int) -> np.ndarray:
+    """Client `client`'s tags for `round`, a row of TAGS per chunk, in [0, 1), from the key every client holds
+    and the server does not."""
     key = derive_key(tag_key, job=job, purpose="ckks-tag", round=round, parties=(client,))
-    return expand(key, TAGS).astype(np.float64) / 2.0**32
+    return (expand(key, TAGS * chunks).astype(np.float64) / 2.0**32).reshape(chunks, TAGS)
 
 
 def checked_vector(context: ts.Context, data: bytes, slots: int) -> ts.CKKSVector:
@@ -318,7 +318,7 @@ class CkksClient(SumClient):
 
     def _open_sealed(self, model: CkksSum, size: int) -> np.ndarray:
         context = self._require_context()
-        sizes = chunk_sizes(sealed_entries(size))
+        sizes = payload_sizes(size)
         if model.size != size or len(model.chunks) != len(sizes):
             raise ProtocolError(f"the sealed model holds {model.size} weights in {len(model.chunks)} chunks, "
                                 f"this model has {size}")
@@ -328,15 +328,17 @@ class CkksClient(SumClient):
         digest = hashlib.sha256(encode(model)).digest()
         if self._opened.setdefault(model.round, digest) != digest:
             raise ProtocolError(f"refused: a second, different sealed sum of round {model.round}")
-        vectors = [checked_vector(context, chunk, slots) for chunk, slots in zip(model.chunks, sizes)]
+        vectors = [checked_vector(context, chunk, n + TAGS) for chunk, n in zip(model.chunks, sizes)]
         try:
-            values = np.concatenate([v.decrypt() for v in vectors])
+            opened = [np.asarray(v.decrypt()) for v in vectors]
         except _TENSEAL_ERRORS as exc:
             raise ProtocolError(f"cannot decrypt the sealed model ({exc})") from None
-        expected = sum(contributor_tags(self._tag_key, self.settings.job, model.round, c) for c in named)
-        if not np.abs(values[size + 2 :] - expected).max() <= TAG_TOLERANCE:
+        expected = sum(contributor_tags(self._tag_key, self.settings.job, model.round, c, len(sizes)) for c in named)
+        found = np.stack([chunk[n:] for chunk, n in zip(opened, sizes)])
+        if not np.abs(found - expected).max() <= TAG_TOLERANCE:  # every chunk, before any value is used
             raise ProtocolError(f"refused: the sealed model of round {model.round} is not the sum of the "
                                 f"{len(named)} contributors it names")
+        values = np.concatenate([chunk[:n] for chunk, n in zip(opened, sizes)])
         if not (values[size] > 0.5 / WEIGHT_UNIT and values[size + 1] > 0.5 / WEIGHT_UNIT):
             raise ProtocolError("the sealed model does not hold a weighted sum")
         count = np.round(values[size + 1] * WEIGHT_UNIT)  # a sum of ones: round away CKKS's noise
@@ -356,10 +358,12 @@ class CkksClient(SumClient):
         weighted = np.append(local, [n, 1.0]) / WEIGHT_UNIT
         if not np.abs(weighted).max() * self.settings.clients < MAX_SLOT:
             raise ProtocolError("the weighted model is too large for CKKS at scale 2^40: the sum could wrap around")
-        weighted = np.append(weighted, contributor_tags(self._tag_key, self.settings.job, round, self.cid))
+        sizes = payload_sizes(vector.size - 1)
+        tags = contributor_tags(self._tag_key, self.settings.job, round, self.cid, len(sizes))
+        starts = np.cumsum([0, *sizes])
         try:
-            chunks = tuple(ts.ckks_vector(context, weighted[i : i + SLOTS]).serialize()
-                           for i in range(0, weighted.size, SLOTS))
+            chunks = tuple(ts.ckks_vector(context, np.append(weighted[a:b], row)).serialize()
+                           for a, b, row in zip(starts, starts[1:], tags))
         except _TENSEAL_ERRORS as exc:
             raise ProtocolError(f"cannot encrypt the update ({exc})") from None
         return CkksUpload(round=round, chunks=chunks)
@@ -445,7 +449,7 @@ class CkksServer(SumServer):
         if self._round is None:
             raise RoundAborted("no round is open")
         (number, cohort, size), self._round = self._round, None
-        sizes, total, contributors, rejected = chunk_sizes(sealed_entries(size - 1)), None, [], {}
+        sizes, total, contributors, rejected = [n + TAGS for n in payload_sizes(size - 1)], None, [], {}
         for cid, upload in sorted(replies.items()):
             if cid not in cohort or cid not in self._members:
                 rejected[cid] = "not in this round's cohort, or holds no CKKS key"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..protocol import DEFAULT_MAX_BYTES
-from ..secagg.ckks import SLOTS, CkksClient, CkksServer, CkksSettings, sealed_entries
+from ..secagg.ckks import CkksClient, CkksServer, CkksSettings, payload_sizes
 from .base import SecureSum
 
-CHUNK_BYTES = 140_000  # a serialized ciphertext of SLOTS values, about 131 KB, with room to spare
+CHUNK_BYTES = 140_000  # a serialized ciphertext of N/2 slots, about 131 KB, with room to spare
 
 
 class Ckks(SecureSum):
@@ -29,8 +29,7 @@ class Ckks(SecureSum):
         return CkksClient(cid, self.settings, identity_key)
 
     def check_model(self, size: int) -> None:
-        entries = sealed_entries(size)
-        if -(-entries // SLOTS) * CHUNK_BYTES > DEFAULT_MAX_BYTES:
+        if len(payload_sizes(size)) * CHUNK_BYTES > DEFAULT_MAX_BYTES:
             raise ConfigError(f"secagg: the model has {size:,} trainable values; its CKKS ciphertexts would exceed "
                               "the 256 MiB message limit (about 7.6 million values)")
 
