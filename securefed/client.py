@@ -15,7 +15,7 @@ from .data import EncodedDataset, PadCollator
 from .errors import ProtocolError, UpdateRefused
 from .interfaces import LossTerm, Observer, SumClient, TrainingWrapper
 from .models import Evaluation, FlatView
-from .protocol import EvaluateIns, EvaluateRes, FinalIns, FinalRes, Message, TrainIns, TrainRes
+from .protocol import EvaluateIns, EvaluateRes, FinalIns, FinalRes, Message, TrainIns, TrainRes, encode
 from .seeding import stream, stream_seed
 from .sent import SentRounds
 from .weighting import BY_EXAMPLES, Weighting
@@ -116,7 +116,8 @@ class Client:
             if self.wrapper:
                 metrics.update(self.wrapper.commit(ins.round, weights, vector))
         metrics["seconds"] = time.perf_counter() - started
-        upload = self.secure_sum.upload(ins.round, vector, ins.bound)
+        told = hashlib.sha256(encode(ins)).digest()  # what this client was told: hardened SecAgg+ signs it
+        upload = self.secure_sum.upload(ins.round, vector, ins.bound, told)
         self.sent.claim(ins.round)  # durably, before the update leaves
         return TrainRes(round=ins.round, metrics=metrics, upload=upload)
 

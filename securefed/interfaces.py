@@ -86,9 +86,10 @@ class SumClient(ABC):
             raise ProtocolError(f"{type(self).__name__} keeps no state to restore")
 
     @abstractmethod
-    def upload(self, round: int, vector: np.ndarray, bound: float = 0.0) -> Message:
+    def upload(self, round: int, vector: np.ndarray, bound: float = 0.0, told: bytes = b"") -> Message:
         """The first message of the round, carrying (a protected form of) `vector` = [n_k·Δ_k, n_k]; `bound` is the
-        server's encoding bound for the round's update entries (a fixed-point sum's; 0: the job's widest)."""
+        server's encoding bound for the round's update entries (a fixed-point sum's; 0: the job's widest); `told`
+        the SHA-256 of the round's TrainIns as this client received it."""
 
     def reply(self, request: Message) -> Message:
         """Answer a follow-up stage of the protocol."""
@@ -110,8 +111,9 @@ class SumServer(ABC):
         return {}
 
     @abstractmethod
-    def open(self, round: int, cohort: Sequence[int], size: int, bound: float = 0.0) -> None:
-        """Start a round for `cohort`, whose vectors have `size` entries, encoded within `bound` (see upload)."""
+    def open(self, round: int, cohort: Sequence[int], size: int, bound: float = 0.0, told: bytes = b"") -> None:
+        """Start a round for `cohort`, whose vectors have `size` entries, encoded within `bound`, after every
+        client was sent the TrainIns whose SHA-256 is `told` (see upload)."""
 
     @abstractmethod
     def step(self, replies: Mapping[int, Message]) -> Mapping[int, Message] | SumResult | SealedSum:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -12,7 +13,7 @@ import numpy as np
 from .errors import RoundAborted
 from .interfaces import Encoding, Exchange, Grid, Observer, SealedSum, SumResult, SumServer
 from .models import Evaluation
-from .protocol import EvaluateIns, EvaluateRes, Message, PlainModel, TrainIns, TrainRes
+from .protocol import EvaluateIns, EvaluateRes, Message, PlainModel, TrainIns, TrainRes, encode
 from .rundir import RunDir
 from .seeding import stream
 from .weighting import BY_EXAMPLES, Weighting
@@ -144,8 +145,9 @@ class Server:
 
     def _train(self, log: _RoundLog, model: Message) -> dict[int, TrainRes]:
         """Broadcast the global model; keep the well-formed replies, count the rest as dropouts."""
-        exchange = log.add(self.grid.exchange(
-            {cid: TrainIns(round=log.round, spec=self.spec, model=model, bound=self._bound) for cid in log.cohort}))
+        ins = TrainIns(round=log.round, spec=self.spec, model=model, bound=self._bound)
+        log.told = hashlib.sha256(encode(ins)).digest()  # the same for every client: hardened SecAgg+ checks it
+        exchange = log.add(self.grid.exchange(dict.fromkeys(log.cohort, ins)))
         log.train_seconds = exchange.client_seconds
         results = {}
         for cid, reply in exchange.replies.items():
@@ -178,7 +180,7 @@ class Server:
     def _sum(self, log: _RoundLog, results: dict[int, TrainRes], size: int) -> SumResult | SealedSum:
         """Run the secure sum to its end: its server step, then any follow-up stages it asks for."""
         with log.aggregation:
-            self.secure_sum.open(log.round, log.cohort, size, self._bound)
+            self.secure_sum.open(log.round, log.cohort, size, self._bound, log.told)
             step = self.secure_sum.step({cid: res.upload for cid, res in results.items()})
         while not isinstance(step, (SumResult, SealedSum)):
             follow_up = log.add(self.grid.exchange(step))
@@ -254,6 +256,7 @@ class _RoundLog:
     round: int
     cohort: list[int]
     contributors: int = 0
+    told: bytes = b""  # SHA-256 of the TrainIns every client of the round was sent
     dropped: dict[int, str] = field(default_factory=dict)
     bytes_down: int = 0
     bytes_up: int = 0

@@ -427,9 +427,15 @@ def hardened(n: int, threshold: int | None = None) -> tuple[Federation, dict]:
 @pytest.mark.parametrize(("drop_upload", "drop_sign", "drop_unmask"), [((), (), ()), ({2}, (), ()), ((), {4}, ()),
                                                                       ((), (), {5}), ({1}, {3}, ())])
 def test_hardened_sums_stay_exact_with_dropouts_at_every_stage(drop_upload, drop_sign, drop_unmask):
+    """Except one: a client that uploaded and did not sign aborts the round, since its neighbours reveal shares
+    only for a story every survivor among them signed (its instructions included)."""
     fed, _ = hardened(9)
     fed.setup()
     xs = vectors(9)
+    if drop_sign:
+        with pytest.raises(RoundAborted, match="did not sign the survivor list"):
+            fed.round(1, xs, drop_upload=drop_upload, drop_sign=drop_sign, drop_unmask=drop_unmask)
+        return
     result = fed.round(1, xs, drop_upload=drop_upload, drop_sign=drop_sign, drop_unmask=drop_unmask)
     summed = sorted(set(range(9)) - set(drop_upload))
     assert result.contributors == tuple(summed)
@@ -462,7 +468,7 @@ def test_hardened_clients_refuse_a_survivor_list_they_did_not_sign():
     with pytest.raises(ProtocolError, match="not the one this client signed"):
         fed.clients[0].reply(lying)
     too_few = dataclasses.replace(request, signatures=(b"",) * len(request.survivors))
-    with pytest.raises(ProtocolError, match="neighbours signed the survivor list"):
+    with pytest.raises(ProtocolError, match="did not sign the survivor list"):
         fed.clients[0].reply(too_few)
     fed.clients[0].reply(request)  # the honest request is answered
     with pytest.raises(ProtocolError, match="cannot sign now"):  # and nobody signs twice for one round
@@ -645,3 +651,45 @@ def test_a_bound_that_clips_is_seen_in_the_sum_and_widened_and_a_wild_one_is_ref
     share = np.mean([(np.abs(x[:-1]) > 1.0).mean() for x in xs.values()])
     assert step.encoding.clipped == pytest.approx(share, abs=1e-6) and share > 0.5  # summed, not any one's
     assert step.encoding.following >= 2.0  # the next round widens
+
+
+@pytest.mark.parametrize("hardened_mode", [False, True])
+def test_a_server_telling_one_client_another_bound_reads_it_only_in_plain_mode(hardened_mode):
+    """Found by review: a server that sends victim B a tiny encoding bound and everyone else the clip decodes the
+    sum at B's scale, where the others' terms shrink to nothing: B's update, alone. The same holds for a different
+    model sent to B. Hardened clients sign the instructions they were given with the survivor list, and reveal
+    shares only when every survivor neighbour signed the same: B's neighbours refuse."""
+    n, victim, tiny = 10, 3, 1e-2
+    keys = {c: Ed25519PrivateKey.generate() for c in range(n)} if hardened_mode else None
+    settings = dataclasses.replace(make_settings(n, threshold=6), clip=65536.0)
+    if hardened_mode:
+        settings = dataclasses.replace(settings, identities=tuple(keys[c].public_key().public_bytes_raw()
+                                                                  for c in range(n)))
+    fed = Federation(settings, keys=keys)
+    fed.setup()
+    xs = _small_updates(n, 1)
+    told = {c: bytes(32) if c != victim else b"\x01" * 32 for c in range(n)}  # B was sent other instructions
+    bound = {c: tiny if c == victim else 0.0 for c in range(n)}
+    uploads = {c: fed.clients[c].upload(1, xs[c], bound[c], told[c]) for c in range(n)}
+    fed.server.open(1, range(n), SIZE, tiny, bytes(32))  # it decodes at B's scale
+    step = fed.server.step(uploads)
+    if not hardened_mode:
+        while isinstance(step, dict):
+            step = fed.server.step(fed.exchange(step))
+        read, truth = step.total[:-1], np.clip(xs[victim][:-1], -tiny, tiny)
+        assert np.abs(read - truth).max() < 1e-3 * np.abs(truth).max()  # the documented limit of plain mode
+        return
+    signed = fed.exchange(step)  # every client signs the full list, B with its own instructions
+    assert set(signed) == set(range(n))
+    with pytest.raises(RoundAborted, match=f"client {victim} uploaded but did not sign"):
+        fed.server.step(signed)  # an honest server stops here; a lying one asks B's neighbours anyway:
+    everyone = tuple(range(n))
+    refusals = 0
+    for w in fed.server.graph[victim]:
+        survivors = tuple(v for v in fed.server.graph[w])
+        request = UnmaskRequest(round=1, survivors=survivors, dropped=(), everyone=everyone,
+                                signatures=tuple(signed[v].signature for v in survivors))
+        with pytest.raises(ProtocolError, match=f"neighbour {victim} did not sign"):
+            fed.clients[w].reply(request)
+        refusals += 1
+    assert refusals == len(fed.server.graph[victim])  # no share of B's seed leaves any holder

@@ -347,7 +347,7 @@ class CkksClient(SumClient):
             raise ProtocolError("the sealed model opens to non-finite weights")
         return weights
 
-    def upload(self, round: int, vector: np.ndarray, bound: float = 0.0) -> CkksUpload:
+    def upload(self, round: int, vector: np.ndarray, bound: float = 0.0, told: bytes = b"") -> CkksUpload:
         context = self._require_context()
         if self._global is None or self._global.size + 1 != vector.size:
             raise ProtocolError("no global model was opened for this upload")
@@ -440,7 +440,7 @@ class CkksServer(SumServer):
             raise SetupFailed(f"CKKS setup failed: only {count} of {len(self._invited)} clients {what}; "
                               "at least 2 are needed")
 
-    def open(self, round: int, cohort: Sequence[int], size: int, bound: float = 0.0) -> None:
+    def open(self, round: int, cohort: Sequence[int], size: int, bound: float = 0.0, told: bytes = b"") -> None:
         if self._stage != "ready":
             raise RoundAborted(f"round {round}: the CKKS setup is not complete")
         self._round = (round, frozenset(cohort), size)

@@ -23,7 +23,7 @@ class PlainUpload(Message):
 
 
 class PlainSumClient(SumClient):
-    def upload(self, round: int, vector: np.ndarray, bound: float = 0.0) -> Message:
+    def upload(self, round: int, vector: np.ndarray, bound: float = 0.0, told: bytes = b"") -> Message:
         return PlainUpload(round=round, vector=np.asarray(vector, dtype=np.float32))
 
 
@@ -33,7 +33,7 @@ class PlainSumServer(SumServer):
         self._size = 0
         self._cohort: frozenset[int] = frozenset()
 
-    def open(self, round: int, cohort: Sequence[int], size: int, bound: float = 0.0) -> None:
+    def open(self, round: int, cohort: Sequence[int], size: int, bound: float = 0.0, told: bytes = b"") -> None:
         self._round, self._size, self._cohort = round, size, frozenset(cohort)
 
     def step(self, replies: Mapping[int, Message]) -> SumResult:

@@ -153,6 +153,8 @@ class ClientState(Message):
     signed_rounds: Ids
     signed: Ciphertexts  # each round's signed survivor list, as int64s
     answered: Ids
+    told_rounds: Ids
+    told: Ciphertexts  # each uploaded round's instructions (SHA-256 of its TrainIns), as the client received them
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ class SecAggPlusSettings:
 
     def round_bound(self, bound: float) -> float:
         """The bound a round's update entries are encoded in: the server's choice (0: the clip), within the clip.
-        Any choice is safe for privacy (values are clipped before masking); a poor one only costs precision."""
+        The same bound for everyone only costs or gains precision; a bound for one client alone would single its
+        update out of the sum, which hardened mode refuses (each survivor signs the instructions it was given)."""
         if bound == 0:
             return self.clip
         if not (math.isfinite(bound) and self.clip * 2.0**-60 <= bound <= self.clip):
@@ -194,8 +197,11 @@ def advert_content(settings: SecAggPlusSettings, advert: KeyAdvert) -> bytes:
             + advert.channel_key + advert.mask_keys.tobytes() + advert.seed_commitments.tobytes())
 
 
-def survivors_content(settings: SecAggPlusSettings, round: int, survivors: Sequence[int]) -> bytes:
-    return b"securefed/survivors" + settings.job + struct.pack(f"<q{len(survivors)}q", round, *survivors)
+def survivors_content(settings: SecAggPlusSettings, round: int, survivors: Sequence[int], told: bytes) -> bytes:
+    """What a hardened client signs after uploading: the round's survivor list and the instructions it was given
+    (the global model and the encoding bound), so that neighbours reveal shares only for a story they all share."""
+    return (b"securefed/survivors" + settings.job + struct.pack("<q", len(told)) + told
+            + struct.pack(f"<q{len(survivors)}q", round, *survivors))
 
 
 def signed_by(settings: SecAggPlusSettings, client: int, signature: bytes, content: bytes) -> bool:
@@ -231,6 +237,7 @@ class _Setup:
     earlier: set[int] = field(default_factory=set)  # rounds uploaded for under an earlier setup: never again
     signed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # round → the survivor list signed
     answered: set[int] = field(default_factory=set)
+    told: dict[int, bytes] = field(default_factory=dict)  # round → the digest of the instructions it uploaded on
 
 
 class SecAggPlusClient(SumClient):
@@ -269,7 +276,8 @@ class SecAggPlusClient(SumClient):
             uploaded=tuple(sorted(setup.uploaded)), earlier=tuple(sorted(setup.earlier)),
             signed_rounds=tuple(sorted(setup.signed)),
             signed=tuple(np.array(setup.signed[r], dtype="<i8").tobytes() for r in sorted(setup.signed)),
-            answered=tuple(sorted(setup.answered))))
+            answered=tuple(sorted(setup.answered)), told_rounds=tuple(sorted(setup.told)),
+            told=tuple(setup.told[r] for r in sorted(setup.told))))
 
     def restore(self, state: bytes) -> None:
         if not state:
@@ -277,7 +285,7 @@ class SecAggPlusClient(SumClient):
             return
         s = decode(state, ClientState)
         if not (len(s.secret_rounds) == len(s.mask_keys) == len(s.seeds) and len(s.holders) == len(s.held)
-                and len(s.signed_rounds) == len(s.signed)):
+                and len(s.signed_rounds) == len(s.signed) and len(s.told_rounds) == len(s.told)):
             raise ProtocolError("the saved SecAgg+ client state is inconsistent")
         self._setup = _Setup(
             rounds=range(s.first_round, s.last_round + 1), channel=X25519PrivateKey.from_private_bytes(s.channel),
@@ -286,7 +294,7 @@ class SecAggPlusClient(SumClient):
             adverts={a.client: a for a in s.adverts}, own_shares=s.own_shares, held=dict(zip(s.holders, s.held)),
             ready=s.ready, uploaded=set(s.uploaded), earlier=set(s.earlier),
             signed={r: tuple(int(v) for v in np.frombuffer(b, dtype="<i8")) for r, b in zip(s.signed_rounds, s.signed)},
-            answered=set(s.answered))
+            answered=set(s.answered), told=dict(zip(s.told_rounds, map(bytes, s.told))))
 
     def _advertise(self, start: SetupStart) -> KeyAdvert:
         if not 1 <= start.first_round <= start.last_round <= self.settings.rounds:
@@ -370,7 +378,7 @@ class SecAggPlusClient(SumClient):
                                 f"{self.settings.clip:g}: raise [secagg] clip")
         return setup
 
-    def upload(self, round: int, vector: np.ndarray, bound: float = 0.0) -> MaskedUpload:
+    def upload(self, round: int, vector: np.ndarray, bound: float = 0.0, told: bytes = b"") -> MaskedUpload:
         setup = self.admit(round, float(vector[-1]))
         bound = self.settings.round_bound(bound)
         update = np.asarray(vector[:-1])
@@ -379,6 +387,7 @@ class SecAggPlusClient(SumClient):
         masked = self.settings.encoding(bound).encode(vector, stream(self.settings.seed, "secagg-rounding", round,
                                                                      self.cid))
         setup.uploaded.add(round)
+        setup.told[round] = told
         size = len(vector)
         streams = Keystreams(size)
         masked += self_mask(self.settings, setup.seeds[round], round, self.cid, streams)
@@ -405,11 +414,13 @@ class SecAggPlusClient(SumClient):
                                 f"shorter than the threshold {self.settings.threshold}")
         setup.signed[round] = survivors
         return SurvivorsSigned(round=round,
-                               signature=self.identity_key.sign(survivors_content(self.settings, round, survivors)))
+                               signature=self.identity_key.sign(survivors_content(self.settings, round, survivors,
+                                                                                  setup.told.get(round, b""))))
 
     def _check_consistency(self, setup: _Setup, request: UnmaskRequest) -> None:
-        """Hardened mode: the lists must follow from the survivor list this client signed, and at least t−1
-        neighbours named survivors must have signed that same list."""
+        """Hardened mode: the lists must follow from the survivor list this client signed, and every neighbour
+        named a survivor must have signed that same list with the same instructions (model and encoding bound):
+        a server that told one client another story cannot have its upload unmasked."""
         everyone = setup.signed.get(request.round)
         if everyone is None or request.everyone != everyone:
             raise ProtocolError(f"refused: the survivor list for round {request.round} is not the one this client "
@@ -420,11 +431,12 @@ class SecAggPlusClient(SumClient):
             raise ProtocolError("refused: the survivors and dropped named do not follow from the signed list")
         if len(request.signatures) != len(request.survivors):
             raise ProtocolError("refused: the signatures do not match the survivors")
-        content = survivors_content(self.settings, request.round, everyone)
-        valid = sum(signed_by(self.settings, v, sig, content) for v, sig in zip(request.survivors, request.signatures))
-        if valid + 1 < self.settings.threshold:
-            raise ProtocolError(f"refused: only {valid} neighbours signed the survivor list of round {request.round}; "
-                                f"{self.settings.threshold - 1} are needed")
+        content = survivors_content(self.settings, request.round, everyone, setup.told.get(request.round, b""))
+        unsigned = [v for v, sig in zip(request.survivors, request.signatures)
+                    if not signed_by(self.settings, v, sig, content)]
+        if unsigned:
+            raise ProtocolError(f"refused: neighbour {unsigned[0]} did not sign the survivor list of round "
+                                f"{request.round} with the instructions this client was given")
 
     def _unmask(self, request: UnmaskRequest) -> UnmaskReply:
         setup = self._stage("an unmask request", lambda s: s.ready)
@@ -507,6 +519,7 @@ class _Round:
     cohort: frozenset[int]
     size: int  # entries of a masked vector: the update, n_k and the clipped fraction
     bound: float  # the update entries' encoding bound
+    told: bytes  # the digest of the instructions every client was sent
     stage: str = "upload"  # then "consistency" (hardened mode), then "unmask"
     total: np.ndarray | None = None
     survivors: tuple[int, ...] = ()
@@ -588,12 +601,12 @@ class SecAggPlusServer(SumServer):
 
     # rounds
 
-    def open(self, round: int, cohort: Sequence[int], size: int, bound: float = 0.0) -> None:
+    def open(self, round: int, cohort: Sequence[int], size: int, bound: float = 0.0, told: bytes = b"") -> None:
         if self._stage != "ready":
             raise RoundAborted(f"round {round}: the secure-aggregation setup is not complete")
         if round not in self._rounds:
             raise RoundAborted(f"round {round}: the secure-aggregation setup does not cover it")
-        self._round = _Round(round, frozenset(cohort), size + 1, self.settings.round_bound(bound))  # and clipped
+        self._round = _Round(round, frozenset(cohort), size + 1, self.settings.round_bound(bound), told)
 
     def step(self, replies: Mapping[int, Message]) -> Mapping[int, Message] | SumResult:
         state = self._round
@@ -641,15 +654,19 @@ class SecAggPlusServer(SumServer):
     def _request_unmasking(self, state: _Round, signed: Mapping[int, Message]) -> dict[int, Message]:
         """Name survivors and dropped to each survivor; in hardened mode, with its neighbours' signatures."""
         alive = set(state.survivors)
-        content = survivors_content(self.settings, state.number, state.survivors)
+        content = survivors_content(self.settings, state.number, state.survivors, state.told)
         signatures = {c: r.signature for c, r in signed.items()
                       if c in alive and isinstance(r, SurvivorsSigned) and r.round == state.number
                       and signed_by(self.settings, c, r.signature, content)}
         hardened = self.settings.hardened
+        if hardened and (unsigned := sorted(alive - set(signatures))):
+            # its neighbours would refuse to unmask: an upload is only revealed for a story all its neighbours share
+            self._round = None
+            raise RoundAborted(f"round {state.number}: client {unsigned[0]} uploaded but did not sign the survivor "
+                               f"list and its instructions ({len(unsigned)} such); hardened mode needs every "
+                               "survivor's signature")
         state.requests = {}
         for s in state.survivors:
-            if hardened and s not in signatures:
-                continue  # it did not confirm the list: it will not be asked to reveal anything
             neighbours = tuple(v for v in self._graph[s] if v in alive)
             state.requests[s] = UnmaskRequest(
                 round=state.number, survivors=neighbours,
