@@ -171,8 +171,12 @@ class SignedSumConfig(Section):
                                              "order; filled in from `identities` when that is given")
 
     def check_identities(self, fed: FederationConfig) -> None:
-        if self.public_keys is not None and len(self.public_keys) != fed.clients:
+        if self.public_keys is None:
+            return
+        if len(self.public_keys) != fed.clients:
             raise ValueError(f"secagg.public_keys: {len(self.public_keys)} keys for {fed.clients} clients")
+        if len(set(self.public_keys)) != len(self.public_keys):  # one party holding two client ids
+            raise ValueError("secagg.public_keys: a key is listed for two clients")
 
 
 def _signed(data: dict) -> bool:
@@ -444,6 +448,8 @@ def _resolve_paths(job: JobConfig, base_dir: Path, source: str) -> JobConfig:
         publics = [key.hex() for key in identity.load_publics(folder, job.federation.clients)]
         if secagg.public_keys not in (None, publics):
             raise ConfigError(f"{source}: secagg.public_keys: not the public keys in {folder}")
+        if len(set(publics)) != len(publics):
+            raise ConfigError(f"{source}: secagg.identities: {folder} lists one key for two clients")
         secagg = secagg.model_copy(update={"identities": folder, "public_keys": publics})
     watermark = job.watermark
     if watermark is not None and watermark.keys is not None:

@@ -141,6 +141,8 @@ def test_secure_aggregation_is_on_by_default_with_a_complete_graph_for_small_job
     ('[secagg]\nmode = "secaggplus"\npublic_keys = ["' + "ab" * 32 + '"]\n',
      "secagg.public_keys: 1 keys for 3 clients"),
     ('[secagg]\nmode = "ckks"\npublic_keys = ["xyz"]\n', "secagg.public_keys.0: String should match pattern"),
+    ('[secagg]\nmode = "ckks"\npublic_keys = ["' + "ab" * 32 + '", "' + "cd" * 32 + '", "' + "ab" * 32 + '"]\n',
+     "a key is listed for two clients"),
     ('[secagg]\nmode = "secaggplus"\nneighbours = 3\n', "exceeds the other clients"),
     ('[secagg]\nmode = "secaggplus"\nthreshold = 4\n',
      "secagg.threshold: 4 must be a majority of the k+1 share holders and at most k+1 (k = 2): between 2 and 3"),

@@ -66,10 +66,10 @@ def test_a_sealed_sum_no_client_can_open_is_not_taken_as_the_model(jobs, tmp_pat
 
     honest = CkksClient.upload
 
-    def poisoned(self, round, vector, bound=0.0):  # client 3 claims a negative number of examples in round 1
+    def poisoned(self, round, vector, *rest):  # client 3 claims a negative number of examples in round 1
         if self.cid == 3 and round == 1:
             vector = np.append(vector[:-1], np.float32(-1e6))
-        return honest(self, round, vector, bound)
+        return honest(self, round, vector, *rest)
 
     monkeypatch.setattr(CkksClient, "upload", poisoned)
     result = run(load_job(jobs["ckks"]), out=tmp_path / "run")
