@@ -157,19 +157,29 @@ def test_flower_join_reads_a_generation_clients_instructions(tmp_path, instructi
 
 
 def test_flower_and_partition_commands_refuse_bad_input_in_one_line(tmp_path, tiny_model, sst2_sample):
-    write_job(tmp_path, tiny_model, *sst2_sample, secagg={"mode": "ckks"})
-    assert_user_error(securefed("flower", "app", "job.toml", "--out", "app", cwd=tmp_path), "CKKS", "Flower")
+    write_job(tmp_path, tiny_model, *sst2_sample, watermark={"keys": [str(tmp_path / "a.wmkey")] * 3})
+    assert_user_error(securefed("flower", "app", "job.toml", "--out", "app", cwd=tmp_path), "watermark.keys",
+                      "flower join --key")
     assert not (tmp_path / "app").exists()
     assert_user_error(securefed("flower", "serve", cwd=tmp_path), "--certs", "--insecure")
     assert_user_error(securefed("flower", "serve", "--certs", "nocerts", cwd=tmp_path), "ca.crt", "not found")
     join = ("flower", "join", "--superlink", "127.0.0.1:1", "--ca", "ca.crt", "--auth-key", "node.key")
-    assert_user_error(securefed(*join, "--job", "job.toml", "--client", "0", "--data", "x.tsv", cwd=tmp_path), "CKKS")
+    assert_user_error(securefed(*join, "--job", "job.toml", "--client", "0", "--data", "x.tsv", cwd=tmp_path),
+                      "watermark.keys")
     (tmp_path / "ok").mkdir()
     write_job(tmp_path / "ok", tiny_model, *sst2_sample)
     assert_user_error(securefed(*join, "--job", "ok/job.toml", "--client", "3", "--data", "x.tsv", cwd=tmp_path),
                       "clients 0 to 2")
     assert_user_error(securefed(*join, "--job", "ok/job.toml", "--client", "0", "--data", "absent.tsv",
                                 cwd=tmp_path), "absent.tsv", "not found")
+    from securefed.secagg.identity import generate
+
+    generate(tmp_path / "ids", 3)  # a signed job: each node must bring its own identity, and the right one
+    (tmp_path / "signed").mkdir()
+    write_job(tmp_path / "signed", tiny_model, *sst2_sample, secagg={"mode": "secaggplus", "identities": "../ids"})
+    signed = (*join, "--job", "signed/job.toml", "--client", "0", "--data", str(sst2_sample[0]))
+    assert_user_error(securefed(*signed, cwd=tmp_path), "--identity client-0.key")
+    assert_user_error(securefed(*signed, "--identity", "ids/client-1.key", cwd=tmp_path), "not client 0's identity")
     assert_user_error(securefed("flower", "run", "nothing", "--superlink", "127.0.0.1:1", "--ca", "ca.crt",
                                 cwd=tmp_path), "not a Flower App")
     assert_user_error(securefed("partition", "nope.toml", "--out", "parts", cwd=tmp_path), "nope.toml", "not found")
