@@ -584,7 +584,7 @@ def test_a_server_telling_a_sparse_graph_split_stories_gets_a_clients_secrets_on
     if hardened_mode:
         for w in range(n):  # every client signs the one list it is shown
             signed[w] = fed.clients[w].reply(SurvivorsRequest(round=1, survivors=told[w])).signature
-    seed_shares, key_shares = 0, dict.fromkeys(around, 0)
+    seed_shares, key_shares, reasons = 0, dict.fromkeys(around, 0), set()
     for w in range(n):
         survivors = tuple(v for v in graph[w] if v in told[w])
         dropped = tuple(v for v in graph[w] if v not in told[w])
@@ -593,7 +593,9 @@ def test_a_server_telling_a_sparse_graph_split_stories_gets_a_clients_secrets_on
                                 everyone=told[w] if hardened_mode else (), signatures=signatures)
         try:
             reply = fed.clients[w].reply(decode(encode(request)))
-        except ProtocolError:
+        except ProtocolError as exc:  # for a reason of the protocol, not a malformed request
+            reasons.add("signatures" if "did not sign the survivor list" in str(exc) else "threshold")
+            assert "did not sign the survivor list" in str(exc) or "fewer than the threshold" in str(exc), exc
             continue
         seed_shares += (w == victim) + sum(v == victim for v in survivors)
         for v, _share in zip(dropped, reply.key_shares):
@@ -601,6 +603,7 @@ def test_a_server_telling_a_sparse_graph_split_stories_gets_a_clients_secrets_on
                 key_shares[v] += 1
     stripped = seed_shares >= settings.threshold and min(key_shares.values()) >= settings.threshold
     assert stripped is not hardened_mode, (seed_shares, key_shares)
+    assert ("signatures" in reasons) is hardened_mode  # hardened clients refuse because the stories differ
 
 
 def _small_updates(n: int, seed: int) -> dict[int, np.ndarray]:
