@@ -170,6 +170,10 @@ class SignedSumConfig(Section):
     public_keys: list[HexKey] | None = Field(None, description="every client's Ed25519 public key (hex), in client "
                                              "order; filled in from `identities` when that is given")
 
+    @property
+    def signed(self) -> bool:
+        return _signed(self.__dict__)
+
     def check_identities(self, fed: FederationConfig) -> None:
         if self.public_keys is None:
             return
@@ -202,7 +206,7 @@ class SecAggPlusConfig(SignedSumConfig):
 
     @model_validator(mode="after")
     def _identities_for_hardened(self) -> SecAggPlusConfig:
-        signed = _signed(self.__dict__)
+        signed = self.signed
         if self.hardened and not signed:
             raise ValueError("hardened mode needs identities, a folder made by `securefed secagg identities`")
         if signed and not self.hardened:
@@ -448,9 +452,11 @@ def _resolve_paths(job: JobConfig, base_dir: Path, source: str) -> JobConfig:
         publics = [key.hex() for key in identity.load_publics(folder, job.federation.clients)]
         if secagg.public_keys not in (None, publics):
             raise ConfigError(f"{source}: secagg.public_keys: not the public keys in {folder}")
-        if len(set(publics)) != len(publics):
-            raise ConfigError(f"{source}: secagg.identities: {folder} lists one key for two clients")
         secagg = secagg.model_copy(update={"identities": folder, "public_keys": publics})
+        try:  # the keys read from the folder, checked as the keys a job lists are
+            secagg.check_identities(job.federation)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc} (read from {folder})") from None
     watermark = job.watermark
     if watermark is not None and watermark.keys is not None:
         keys = [absolute(k, f"watermark.keys[{i}]") for i, k in enumerate(watermark.keys)]

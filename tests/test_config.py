@@ -165,6 +165,9 @@ def test_identities_make_secaggplus_hardened_and_travel_as_public_keys(tmp_path)
     other = list(reversed(publics))
     assert "not the public keys in" in error_of(tmp_path, VALID + '[secagg]\nmode = "secaggplus"\nidentities = "ids"\n'
                                                 f"public_keys = {json.dumps(other)}\n")
+    (tmp_path / "ids" / "client-2.pub").write_text(publics[0] + "\n")  # one party, two client ids
+    assert "a key is listed for two clients (read from" in error_of(
+        tmp_path, VALID + '[secagg]\nmode = "secaggplus"\nidentities = "ids"\n')
 
 
 def test_secaggplus_refuses_sampled_cohorts_and_odd_ring_degrees(tmp_path):
