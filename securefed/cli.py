@@ -247,19 +247,25 @@ def watermark_keygen(
                                         "last blocks (the same for every client of a job)")] = 2,
     bits: Annotated[int, typer.Option("--bits", min=16, help="watermark bits")] = 64,
     triggers: Annotated[int, typer.Option("--triggers", min=0, help="trigger inputs (0: none)")] = 32,
+    targets: Annotated[str | None, typer.Option("--targets", help="the job's LoRA target modules, comma-separated "
+                                                "(their ΔW carries the bits again); 'none' for a job without LoRA; "
+                                                "default: peft's default for the model")] = None,
 ) -> None:
-    """Make a watermark key: an Ed25519 identity, a secret seed, and the carrier it marks."""
+    """Make a watermark key: an Ed25519 identity, a secret seed, and the carriers it marks."""
     from .watermark.feature import base_carrier
     from .watermark.keys import WatermarkKey, file_name, owner_name
 
     owner = owner_name(owner)  # before the model loads
     with console.status(f"reading the carrier of {model}"):
-        carrier = base_carrier(model, blocks)
+        modules = None if targets is None else [t.strip() for t in targets.split(",")
+                                                if t.strip() and t.strip().lower() != "none"]
+        carrier = base_carrier(model, blocks, modules)
     key = WatermarkKey.generate(owner, carrier, bits=bits, triggers=triggers)
     path = out / file_name(owner)
     key.save(path)
     say(f"wrote {path}: owner {key.owner!r}, identity {key.fingerprint}, {key.bits} bits in "
-        f"{carrier.size} scales of {len(carrier.parameters)} layers, {key.triggers} triggers. Keep it "
+        f"{carrier.size} scales of {len(carrier.parameters)} layers and again in {len(carrier.weights)} adapted "
+        f"weights, {key.triggers} triggers. Keep it "
         "secret and apart from the model; name it in the job file:")
     print(f'[watermark]\nkeys = ["{path}", ...]  # one per client, in client order')
 
@@ -276,22 +282,26 @@ def watermark_verify(
     """Check a key's watermark in a model: matched bits and triggers, their p-values, and a verdict.
     Exits 0 when owned, 1 when not."""
     from .models.saved import load_merged
-    from .watermark.feature import base_scales
     from .watermark.keys import WatermarkKey
+    from .watermark.reference import Reference
     from .watermark.verify import verify
 
     wkey = WatermarkKey.load(key)
     with console.status("loading the model and its base"):
         loaded, tokenizer = load_merged(model)
-        base = base_scales(wkey)
-    verdict = verify(loaded, tokenizer, wkey, base, threshold=threshold)
+        reference = Reference.load(wkey)
+    with console.status("aligning the model to its base and reading the key's bits"):
+        verdict = verify(loaded, tokenizer, wkey, reference, threshold=threshold)
     if as_json:
         print(json.dumps(verdict.as_dict()))
     else:
         triggers = ("no triggers" if verdict.matched_triggers is None else
                     f"triggers {verdict.matched_triggers}/{verdict.triggers} (p = {verdict.triggers_p:.3g})")
-        print(f"{verdict.owner} (identity {verdict.identity}): bits {verdict.matched_bits}/{verdict.bits} "
-              f"(p = {verdict.bits_p:.3g}), {triggers}")
+        adapter = ("" if verdict.adapter_bits is None else
+                   f"adapter bits {verdict.adapter_bits}/{verdict.bits} (p = {verdict.adapter_p:.3g}), ")
+        print(f"{verdict.owner} (identity {verdict.identity}): scale bits {verdict.matched_bits}/{verdict.bits} "
+              f"(p = {verdict.bits_p:.3g}), {adapter}{triggers}")
+        print(f"alignment: {verdict.aligned or 'none (no anatomy for this model family)'}")
         print(f"verdict: {'owned' if verdict.owned else 'not owned'} (p = {verdict.p_value:.3g}, threshold "
               f"{threshold:g})")
     if not verdict.owned:

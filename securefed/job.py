@@ -29,8 +29,9 @@ from .server import Schedule, Server
 from .sums import SecureSum, secure_sum
 from .tasks import TaskKind, task_kind
 from .watermark import terms
-from .watermark.feature import check_capacity, check_carrier, describe_carrier, scale_values
+from .watermark.feature import check_capacity, check_carrier, describe_carrier
 from .watermark.keys import SUFFIX, Carrier, WatermarkKey
+from .watermark.reference import Reference
 from .watermark.verify import Verdict, verify
 from .weighting import BY_EXAMPLES, Weighting
 
@@ -51,7 +52,7 @@ class Task:
     identity_keys: dict[int, Ed25519PrivateKey] = field(default_factory=dict)  # the clients this process hosts
     wrapper_shared: object | None = None  # what the privacy mechanism made for the model (DP-SGD: Opacus's module)
     carrier: Carrier | None = None  # the watermark's normalization scales, when the job has watermarks
-    carrier_base: np.ndarray | None = None  # their values in the base model
+    reference: Reference | None = None  # the carriers' values in the base model
     watermark_keys: list[WatermarkKey] = field(default_factory=list)  # the keys the job file names, if any
     weighting: Weighting = BY_EXAMPLES  # the carrier averages over clients, the rest over examples
 
@@ -82,7 +83,7 @@ def load_task(config: JobConfig, splits: Splits | None = None) -> Task:
                 kind.encode(splits.dev, bundle.tokenizer), kind.collator(bundle.tokenizer))
     if config.watermark is not None:
         task.carrier = describe_carrier(config.model.name, bundle.model, blocks, bundle.carrier)
-        task.carrier_base = scale_values(bundle.model, task.carrier)
+        task.reference = Reference.of(bundle.model, task.carrier)
         for path, key in zip(config.watermark.keys or (), keys):
             check_carrier(key, task.carrier, str(path))
         task.watermark_keys = keys
@@ -164,14 +165,14 @@ def watermark_terms(task: Task, key: WatermarkKey) -> list[LossTerm]:
     trigger set if any."""
     classes = len(task.splits.label_names) if task.kind.name == "classification" else None
     return terms.watermark_terms(key, terms.Embedding(
-        task.bundle.model, task.bundle.tokenizer, task.config.watermark, task.carrier_base,
+        task.bundle.model, task.bundle.tokenizer, task.config.watermark, task.reference,
         clients=task.config.federation.cohort_size, classes=classes, max_length=task.config.data.max_length,
         batch=lambda data: task.collator.batch(data, range(len(data))), loss=task.kind.loss))
 
 
 def verify_key(task: Task, weights: np.ndarray, key: WatermarkKey) -> Verdict:
     task.bundle.view.set(weights)
-    return verify(task.bundle.model, task.bundle.tokenizer, key, task.carrier_base)
+    return verify(task.bundle.model, task.bundle.tokenizer, key, task.reference)
 
 
 def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer | None = None,

@@ -101,13 +101,15 @@ def _watermarks(verdicts: Sequence[dict]) -> list[str]:
         return []
     lines = ["Each client's watermark key, checked against the final model (`securefed watermark verify` does the same "
              "from a key file):", "",
-             "| client | owner | identity | bits matched | p (bits) | triggers matched | p (triggers) | verdict |",
-             "|---:|---|---|---:|---:|---:|---:|---|"]
+             "| client | owner | identity | scale bits | p | adapter bits | p | triggers | p | verdict |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for cid, v in enumerate(verdicts):
         triggers = "-" if v["matched_triggers"] is None else f"{v['matched_triggers']}/{v['triggers']}"
         p_triggers = "-" if v["triggers_p"] is None else f"{v['triggers_p']:.2g}"
+        adapter = "-" if v["adapter_bits"] is None else f"{v['adapter_bits']}/{v['bits']}"
+        p_adapter = "-" if v["adapter_p"] is None else f"{v['adapter_p']:.2g}"
         lines.append(f"| {cid} | {v['owner']} | `{v['identity']}` | {v['matched_bits']}/{v['bits']} | "
-                     f"{v['bits_p']:.2g} | {triggers} | {p_triggers} | {v['verdict']} |")
+                     f"{v['bits_p']:.2g} | {adapter} | {p_adapter} | {triggers} | {p_triggers} | {v['verdict']} |")
     return lines + [""]
 
 

@@ -7,8 +7,8 @@ import pytest
 from securefed.config import load_job
 from securefed.models.saved import load_merged
 from securefed.runtime.local import run
-from securefed.watermark.feature import base_scales
 from securefed.watermark.keys import WatermarkKey
+from securefed.watermark.reference import Reference
 from securefed.watermark.verify import verify
 
 PRIVATE = Path(__file__).resolve().parents[1] / "examples" / "sst2-lora-private.toml"
@@ -22,7 +22,7 @@ def test_every_client_owns_the_private_model_and_a_fresh_key_does_not(tmp_path):
     assert max(r["epsilon"] for r in result.records) <= job.privacy.epsilon
     model, tokenizer = load_merged(result.run.model_dir)
     keys = [WatermarkKey.load(result.run.keys_dir / f"client-{c}.wmkey") for c in range(job.federation.clients)]
-    base = base_scales(keys[0])
+    base = Reference.load(keys[0])
     for key in keys:
         verdict = verify(model, tokenizer, key, base)
         assert verdict.owned and verdict.bits_p <= 1e-12, verdict

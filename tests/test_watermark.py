@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,8 +15,10 @@ from securefed.errors import ConfigError, WatermarkError
 from securefed.job import load_task
 from securefed.models.saved import load_merged, merge_adapter
 from securefed.runtime.local import execute, prepare, run
-from securefed.watermark.feature import base_carrier, base_scales, matched_bits, scale_values
+from securefed.watermark import attacks
+from securefed.watermark.feature import base_carrier, matched_bits
 from securefed.watermark.keys import WatermarkKey
+from securefed.watermark.reference import Reference, read, scale_vector
 from securefed.watermark.trigger import TriggerLoss, trigger_set
 from securefed.watermark.verify import verify
 from securefed.weighting import Weighting
@@ -58,7 +61,7 @@ def trained(tmp_path_factory, wide_model, sst2_sample):
 
 def check(model_dir, key):
     model, tokenizer = load_merged(model_dir)
-    return verify(model, tokenizer, key, base_scales(key))
+    return verify(model, tokenizer, key, Reference.load(key))
 
 
 def test_every_owner_verifies_after_private_secure_training(trained):
@@ -92,17 +95,20 @@ def test_fresh_keys_and_the_base_model_do_not_verify(trained, wide_model):
     run_dir, keys = trained
     model, tokenizer = load_merged(run_dir.model_dir)
     carrier = keys[0].carrier
-    base = base_scales(keys[0])
+    reference = Reference.load(keys[0])
     for _ in range(20):
         fresh = WatermarkKey.generate("someone else", carrier, bits=BITS, triggers=8)
-        assert not verify(model, tokenizer, fresh, base).owned
-    untouched, tokenizer = load_merged(run_dir.model_dir)
-    with torch.no_grad():
-        for p, value in zip(_scales(untouched, carrier), np.split(base, len(carrier.parameters))):
-            p.copy_(torch.from_numpy(value))
-    for key in keys:  # the owners' keys on the model with its carrier reset to the base: nothing to find
-        verdict = verify(untouched, tokenizer, key, base)
-        assert verdict.matched_bits == 0 and not verdict.owned
+        assert not verify(model, tokenizer, fresh, reference).owned
+    base, _ = load_merged(wide_model)
+    scales_only = replace(carrier, weights=())
+    attacks.reset(model, base, scales_only)
+    for key in keys:  # the scales reset to the base's: their bits are gone, the adapter's remain
+        verdict = verify(model, tokenizer, key, reference)
+        assert verdict.matched_bits == 0 and verdict.adapter_p <= 1e-9 and verdict.owned
+    attacks.reset(model, base, carrier)
+    for key in keys:  # the adapter's change reset too: nothing to find (and the fine-tuning is gone)
+        verdict = verify(model, tokenizer, key, reference)
+        assert verdict.matched_bits == verdict.adapter_bits == 0 and not verdict.owned
 
 
 def test_a_key_forged_after_seeing_the_model_fails(trained):
@@ -110,7 +116,8 @@ def test_a_key_forged_after_seeing_the_model_fails(trained):
     hash of his seed, so the best fit is chance."""
     run_dir, keys = trained
     model, _ = load_merged(run_dir.model_dir)
-    values, base = scale_values(model, keys[0].carrier), base_scales(keys[0])
+    values = scale_vector(read(model, [n for n, _ in keys[0].carrier.parameters]), keys[0].carrier)
+    base = Reference.load(keys[0]).scales
     best = max(matched_bits(WatermarkKey.generate("thief", keys[0].carrier, bits=BITS), values, base)
                for _ in range(300))
     assert best < BITS - 10  # 300 tries reach about 33 of 48 by chance; owners match 46 or more
@@ -186,7 +193,7 @@ def test_the_trigger_loss_teaches_the_keys_labels(tmp_path, wide_model, sst2_sam
         term().backward()
         optimizer.step()
         assert model.training
-    verdict = verify(model, task.bundle.tokenizer, key, task.carrier_base)
+    verdict = verify(model, task.bundle.tokenizer, key, task.reference)
     assert verdict.matched_triggers == 8 and verdict.triggers_p == pytest.approx(2**-8)
 
 
@@ -199,9 +206,10 @@ def test_each_registered_term_writes_what_the_key_calls_for(tmp_path, wide_model
     with_triggers = WatermarkKey("org", bytes([7]) * 32, bytes([9]) * 32, BITS, task.carrier, 8, 4)
     without = WatermarkKey("org", bytes([7]) * 32, bytes([9]) * 32, BITS, task.carrier, 0, 4)
     terms = watermark_terms(task, with_triggers)
-    assert len(terms) == len(LOSS_TERMS) and [t.name for t in terms] == ["feature watermark", "trigger set"]
-    assert terms[1].weight == pytest.approx(4 * 0.2 / 0.8)  # the job's rate, over the cohort of 4
-    assert [t.name for t in watermark_terms(task, without)] == ["feature watermark"]
+    assert len(terms) == len(LOSS_TERMS)
+    assert [t.name for t in terms] == ["feature watermark", "adapter watermark", "trigger set"]
+    assert terms[2].weight == pytest.approx(4 * 0.2 / 0.8)  # the job's rate, over the cohort of 4
+    assert [t.name for t in watermark_terms(task, without)] == ["feature watermark", "adapter watermark"]
     assert all(t().item() >= 0 for t in terms)
 
 

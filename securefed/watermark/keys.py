@@ -30,13 +30,16 @@ SUFFIX = ".wmkey"
 
 @dataclass(frozen=True)
 class Carrier:
-    """Where the bits live: the scales of named normalization layers of one base model."""
+    """Where the bits live: the scales of named normalization layers of one base model and, for a key made for a
+    LoRA job, the weights the adapter changes (their effective change ΔW carries the bits again)."""
 
     model: str  # the registry name or local path the key was made for
     model_type: str
     blocks: int  # the normalization layers of this many last blocks
     parameters: tuple[tuple[str, int], ...]  # the scales' names in the base model, and their sizes
     base: str  # SHA-256 of the base model's values of those scales (float32): a different base is refused
+    weights: tuple[tuple[str, int, int], ...] = ()  # adapted weights: name in the base model, rows, columns
+    weights_base: str = ""  # SHA-256 of the base model's values of those weights
 
     @property
     def size(self) -> int:
@@ -83,6 +86,18 @@ class WatermarkKey:
         bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[: self.bits]
         return bits.astype(np.float32) * 2 - 1
 
+    def delta_projection(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each adapted weight, U (rows × B) and V (columns × B): bit j reads Σ_w u_jᵀ·ΔW_w·v_j. Gaussian
+        directions from the seed, each bit's rank-one matrices of total Frobenius norm one: for a model that never
+        saw the key, u_j ↦ −u_j is as likely, so each projection's sign is a fair coin."""
+        rng, count = self.rng("delta-projection"), len(self.carrier.weights)
+        pairs = []
+        for _, rows, columns in self.carrier.weights:
+            u, v = rng.standard_normal((rows, self.bits)), rng.standard_normal((columns, self.bits))
+            u, v = u / np.linalg.norm(u, axis=0), v / np.linalg.norm(v, axis=0)
+            pairs.append(((u / count**0.25).astype(np.float32), (v / count**0.25).astype(np.float32)))
+        return pairs
+
     def projection(self) -> np.ndarray:
         """W: carrier size × B, orthonormal columns from the seed (a Gaussian matrix's QR factor). Orthogonal
         columns let the owner set each bit without disturbing the others; for a model that never saw the key,
@@ -101,7 +116,7 @@ class WatermarkKey:
         """Everything the owner signs: all but the private key."""
         return {"format": FORMAT, "owner": self.owner, "public_key": self.public.hex(), "seed": self.seed.hex(),
                 "bits": self.bits, "triggers": self.triggers, "trigger_length": self.trigger_length,
-                "carrier": {**asdict(self.carrier), "parameters": [list(p) for p in self.carrier.parameters]}}
+                "carrier": _carrier_statement(self.carrier)}
 
     def save(self, path: Path) -> None:
         """Write the key, readable by its owner only; never over an existing file."""
@@ -146,7 +161,9 @@ class WatermarkKey:
     def _parse(cls, d: dict) -> WatermarkKey:
         c = d["carrier"]
         parameters = tuple((str(name), _count(size)) for name, size in c["parameters"])
-        carrier = Carrier(str(c["model"]), str(c["model_type"]), _count(c["blocks"]), parameters, str(c["base"]))
+        weights = tuple((str(name), _count(rows), _count(columns)) for name, rows, columns in c.get("weights", ()))
+        carrier = Carrier(str(c["model"]), str(c["model_type"]), _count(c["blocks"]), parameters, str(c["base"]),
+                          weights, str(c.get("weights_base", "")))
         private, seed = bytes.fromhex(d["private_key"]), bytes.fromhex(d["seed"])
         if len(private) != 32 or len(seed) != 32 or not parameters:
             raise ValueError("private key, seed and carrier must be 32 bytes, 32 bytes and non-empty")
@@ -168,6 +185,15 @@ def file_name(owner: str) -> str:
     """`Org C` → `org-c.wmkey`."""
     slug = re.sub(r"[^a-z0-9]+", "-", owner.lower()).strip("-") or "owner"
     return slug + SUFFIX
+
+
+def _carrier_statement(carrier: Carrier) -> dict:
+    """The carrier as signed; a key without adapted weights signs no such fields (keys made before them verify)."""
+    statement = {**asdict(carrier), "parameters": [list(p) for p in carrier.parameters],
+                 "weights": [list(w) for w in carrier.weights]}
+    if not carrier.weights:
+        del statement["weights"], statement["weights_base"]
+    return statement
 
 
 def _canonical(statement: dict) -> bytes:

@@ -1,19 +1,20 @@
-"""The loss terms that write a client's watermark, by name: a new one is a module in watermark/ whose term class
-has `for_key(key, embedding)`, and one line here."""
+"""The loss terms that write a client's watermark (the scales' bits, the adapter's bits, the trigger set), by
+name: a new one is a module in watermark/ whose term class has `for_key(key, embedding)`, and one line here."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..config import WatermarkConfig
 from ..data import EncodedDataset
 from ..interfaces import LossTerm
+from .delta import DeltaWatermark
 from .feature import FeatureWatermark
 from .keys import WatermarkKey
+from .reference import Reference
 from .trigger import TriggerLoss
 
 
@@ -24,7 +25,7 @@ class Embedding:
     model: torch.nn.Module
     tokenizer: object
     settings: WatermarkConfig
-    carrier_base: np.ndarray  # the carrier's values in the base model
+    reference: Reference  # the carriers' values in the base model
     clients: int  # K, the clients averaged per round
     classes: int | None  # a classifier's labels; None for a causal LM
     max_length: int
@@ -34,6 +35,7 @@ class Embedding:
 
 LOSS_TERMS: dict[str, Callable[[WatermarkKey, Embedding], LossTerm | None]] = {
     "feature": FeatureWatermark.for_key,
+    "delta": DeltaWatermark.for_key,
     "trigger": TriggerLoss.for_key,
 }
 

@@ -1,10 +1,12 @@
-"""Verification: a key's bits and triggers against a model, their p-values, and a verdict.
+"""Verification: a key's bits (in the norms' scales and in the adapter's ΔW) and triggers against a model, their
+p-values, and a verdict.
 
-Under the hypothesis that the model never learned the key, each bit matches with probability 1/2 (W's
-columns are symmetric, so the sign of a projection is a fair coin, and the bits come from a hash) and
-each trigger with probability at most 1/classes (for a causal LM, 1 over the words its answers are drawn
-from). The p-values are the binomial tails. The verdict rests on both
-tests with a Bonferroni correction: p = min(1, 2·min(p_bits, p_triggers)).
+First alignment (align.py) undoes any function-preserving reparameterization of the model relative to the base.
+Then, under the hypothesis that the model never learned the key, each bit matches with probability 1/2 (the
+projections are symmetric, so the sign of each is a fair coin, and the bits come from a hash) and each trigger with
+probability at most 1/classes (for a causal LM, 1 over the words its answers are drawn from). Alignment reads the
+base model and the suspect, never the key, so it leaves those chances as they are. The p-values are the binomial
+tails. The verdict rests on every test the key has, with a Bonferroni correction: p = min(1, k·min(p_i)).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from ..data import PadCollator
 from ..errors import WatermarkError
 from ..models.evaluation import predictions
 from ..models.generation import greedy_answers
-from .feature import matched_bits, scale_values
+from .align import Alignment, align, needed
+from .delta import matched_delta_bits
+from .feature import matched_bits
 from .keys import WatermarkKey
+from .reference import Reference, carrier_names, read, scale_vector
 from .trigger import ANSWER_TOKENS, trigger_set
 
 DEFAULT_THRESHOLD = 1e-9
@@ -32,13 +37,16 @@ class Verdict:
     owner: str
     identity: str  # the fingerprint of the owner's public key
     bits: int
-    matched_bits: int
+    matched_bits: int  # in the norms' scales
     bits_p: float
+    adapter_bits: int | None  # in the adapter's ΔW; None: the key marks no adapted weights
+    adapter_p: float | None
     triggers: int
     matched_triggers: int | None  # None: the key has no triggers
     triggers_p: float | None
     p_value: float
     threshold: float
+    aligned: str | None = None  # what alignment undid; None: not aligned (the job's own model, or no anatomy)
 
     @property
     def owned(self) -> bool:
@@ -48,13 +56,21 @@ class Verdict:
         return {**asdict(self), "verdict": "owned" if self.owned else "not owned"}
 
 
-def verify(model: torch.nn.Module, tokenizer, key: WatermarkKey, base: np.ndarray, *,
+def verify(model: torch.nn.Module, tokenizer, key: WatermarkKey, reference: Reference, *,
            threshold: float = DEFAULT_THRESHOLD, batch_size: int = 64) -> Verdict:
-    """Check `key` against `model` (plain or peft), whose base model's carrier scales are `base`."""
-    matched = matched_bits(key, scale_values(model, key.carrier), base)
-    bits_p = float(binom.sf(matched - 1, key.bits, 0.5))
+    """Check `key` against `model` (plain or peft). When `reference` holds what alignment reads, the carriers are
+    read twice, as they are and aligned, and the better reading counts twice (Bonferroni): alignment undoes a thief's
+    reparameterization, and the plain reading stays exact where a model's own fine-tuning blurs what alignment fits."""
+    readings = [_bits(key, reference, *_read(model, key, reference, aligned=False)[:2])]
+    alignment = None
+    if reference.anatomy is not None:
+        scales, deltas, alignment = _read(model, key, reference, aligned=True)
+        readings.append(_bits(key, reference, scales, deltas))
+    best = min(range(len(readings)), key=lambda i: min(p for p in readings[i][1::2] if p is not None))
+    matched, bits_p, adapter, adapter_p = readings[best]
+    tests = [len(readings) * p for p in readings[best][1::2] if p is not None]
+    aligned = None if alignment is None else alignment.describe() if best else "not needed (read as it is)"
     hits = triggers_p = None
-    p = bits_p
     if key.triggers:
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         family = type(base_model).__name__
@@ -76,6 +92,38 @@ def verify(model: torch.nn.Module, tokenizer, key: WatermarkKey, base: np.ndarra
             raise WatermarkError(f"key {key.owner!r} has a trigger set, which only a classifier or a causal LM "
                                  f"answers; {family} is neither")
         triggers_p = triggers.p_value(hits)
-        p = min(1.0, 2 * min(bits_p, triggers_p))
-    return Verdict(key.owner, key.fingerprint, key.bits, matched, bits_p, key.triggers, hits, triggers_p, p,
-                   threshold)
+        tests.append(triggers_p)
+    p = min(1.0, len(tests) * min(tests))
+    return Verdict(key.owner, key.fingerprint, key.bits, matched, bits_p, adapter, adapter_p, key.triggers, hits,
+                   triggers_p, p, threshold, aligned)
+
+
+def _bits(key: WatermarkKey, reference: Reference, scales: np.ndarray, deltas: list[np.ndarray]
+          ) -> tuple[int, float, int | None, float | None]:
+    """Matched scale bits and their p; matched adapter bits and their p (None without adapted weights)."""
+    matched = matched_bits(key, scales, reference.scales)
+    adapter = matched_delta_bits(key, deltas) if key.carrier.weights else None
+    return (matched, float(binom.sf(matched - 1, key.bits, 0.5)), adapter,
+            None if adapter is None else float(binom.sf(adapter - 1, key.bits, 0.5)))
+
+
+def _read(model: torch.nn.Module, key: WatermarkKey, reference: Reference, *, aligned: bool
+          ) -> tuple[np.ndarray, list[np.ndarray], Alignment | None]:
+    """The model's carrier scales and adapted weights' changes, in the base's coordinates, and the alignment used."""
+    carrier = key.carrier
+    weights = [name for name, _, _ in carrier.weights]
+    norms = [name.removesuffix(".weight") for name, _ in carrier.parameters]
+    if not aligned:
+        values = read(model, carrier_names(carrier))
+        for name, value in values.items():
+            if value.shape != reference.values[name].shape:
+                raise WatermarkError(f"the key was made for another model ({carrier.model}): its {name} is "
+                                     f"{reference.values[name].shape}, this model's {value.shape}")
+        return (scale_vector(values, carrier), [values[w] - reference.values[w] for w in weights], None)
+    body = reference.anatomy
+    values = read(model, set(carrier_names(carrier)) | set(needed(body, norms, weights)))
+    alignment = align(body, values, reference.values, norms, weights)
+    scales = np.concatenate([alignment.scale(norm, values[f"{norm}.weight"], reference.values[f"{norm}.weight"])
+                             for norm in norms])
+    deltas = [alignment.weight(w, body.group_of_reader(w), values[w]) - reference.values[w] for w in weights]
+    return scales, deltas, alignment

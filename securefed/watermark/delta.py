@@ -1,0 +1,67 @@
+"""The adapter's watermark: the owner's bits again, in the signs of secret projections of the effective weight
+change ΔW = W − W₀ of the weights the job adapts (LoRA's ΔW = scaling·BA).
+
+Bit j reads Σ_w u_jᵀ·ΔW_w·v_j (keys.py: `delta_projection`). ΔW is what fine-tuning bought: a thief who resets it
+to the base's weights gives the adaptation back, and refactoring the adapter (B·A = (BR)(R⁻¹A)) leaves ΔW, so the
+bits, unchanged. A merged model holds W₀ + ΔW, and verification reads ΔW against the base model after alignment.
+The hinge (hinge.py) writes them as it writes the scales' bits, after DP-SGD's noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..errors import WatermarkError
+from ..models.adapters import base_name
+from .hinge import Hinge
+from .keys import WatermarkKey
+
+if TYPE_CHECKING:
+    from .terms import Embedding
+
+
+def delta_projected(key: WatermarkKey, deltas: Sequence[np.ndarray]) -> np.ndarray:
+    """The B projections of the adapted weights' changes, in the carrier's order."""
+    return sum(np.sum(u.astype(np.float64) * (delta @ v.astype(np.float64)), axis=0)
+               for delta, (u, v) in zip(deltas, key.delta_projection(), strict=True))
+
+
+def matched_delta_bits(key: WatermarkKey, deltas: Sequence[np.ndarray]) -> int:
+    return int(np.sum(np.sign(delta_projected(key, deltas)) == key.message()))
+
+
+class DeltaWatermark(Hinge):
+    """The hinge on Σ_w u_jᵀ·(scaling·B_w·A_w)·v_j, read from the live LoRA factors."""
+
+    name = "adapter watermark"
+
+    @classmethod
+    def for_key(cls, key: WatermarkKey, embedding: Embedding) -> DeltaWatermark | None:
+        """None when the key marks no adapted weights (a key made before them, or for a method other than LoRA)."""
+        if not key.carrier.weights:
+            return None
+        settings = embedding.settings
+        return cls(key, embedding.model, weight=settings.weight, margin=settings.margin, clients=embedding.clients)
+
+    def __init__(self, key: WatermarkKey, model: torch.nn.Module, *, weight: float, margin: float, clients: int):
+        super().__init__(key, weight=weight, margin=margin, clients=clients)
+        layers = {base_name(name) + ".weight": module for name, module in model.named_modules()
+                  if "default" in getattr(module, "lora_A", {})}
+        self.layers = []
+        for (name, rows, columns), (u, v) in zip(key.carrier.weights, key.delta_projection(), strict=True):
+            layer = layers.get(name)
+            if layer is None or tuple(layer.base_layer.weight.shape) != (rows, columns):
+                raise WatermarkError(f"the key marks the adapted weight {name} ({rows}×{columns}), which this "
+                                     "job's adapter does not train")
+            self.layers.append((layer, torch.from_numpy(u), torch.from_numpy(v)))
+
+    def projected(self) -> torch.Tensor:
+        total = 0
+        for layer, u, v in self.layers:
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            total = total + layer.scaling["default"] * torch.sum(u * (b @ (a @ v)), dim=0)
+        return total

@@ -1,0 +1,129 @@
+"""A thief who knows where the carriers live: function-preserving reparameterizations, a reset, a refactored
+adapter. Each plays against a model marked by the project's own hinge terms; alignment must undo what keeps the
+function, and fresh keys must stay at chance after it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_bert, tiny_causal
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from securefed.config import LoraConfig
+from securefed.models.adapters import attach
+from securefed.models.norms import last_block_norms
+from securefed.watermark import attacks
+from securefed.watermark.delta import DeltaWatermark
+from securefed.watermark.feature import FeatureWatermark, describe_carrier
+from securefed.watermark.keys import WatermarkKey
+from securefed.watermark.reference import Reference
+from securefed.watermark.verify import verify
+
+BITS = 40
+FAMILIES = {"bert": (AutoModelForSequenceClassification, ["value"], "classification"),
+            "llama": (AutoModelForCausalLM, ["q_proj", "v_proj"], "generation")}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def marked(request, tmp_path_factory):
+    """A base model with trained-looking norms and weights well above a fine-tuning's change (random init puts
+    every scale at 1, every shift at 0), two owners' bits written by the hinges, merged."""
+    family = request.param
+    folder = tmp_path_factory.mktemp(family)
+    model_class, targets, kind = FAMILIES[family]
+    path = tiny_bert(folder, 64) if family == "bert" else tiny_causal(folder, "llama")
+    torch.manual_seed(0)
+    base = model_class.from_pretrained(path).eval()
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "norm" in name.lower() and p.dim() == 1:
+                p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else torch.randn_like(p) * 0.1)
+            elif p.dim() == 2 and "embed" not in name:
+                p.mul_(10)
+    norms = last_block_norms(base, 2)
+    adapted = attach(copy.deepcopy(base), LoraConfig(method="lora", r=2, alpha=4, target_modules=targets), norms,
+                     kind)
+    carrier = describe_carrier(str(path), adapted, 2, norms)
+    reference = Reference.of(base, carrier, alignable=True)
+    keys = [WatermarkKey(f"owner {i}", bytes([i + 1]) * 32, bytes([i + 50]) * 32, BITS, carrier, 0, 4)
+            for i in range(2)]
+    terms = [term for key in keys for term in (
+        FeatureWatermark(key, adapted, reference.scales, weight=1.0, margin=0.05, clients=1),
+        DeltaWatermark(key, adapted, weight=1.0, margin=0.05, clients=1))]
+    optimizer = torch.optim.Adam([p for p in adapted.parameters() if p.requires_grad], lr=3e-3)
+    for step in range(200):
+        if step % 50 == 0:
+            for term in terms:
+                term.begin_round()
+        loss = sum(term() for term in terms)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return family, base, adapted, adapted.merge_and_unload().eval(), keys, reference
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(input_ids=inputs).logits
+
+
+def _check(model, keys, reference, *, scales: bool, adapter: bool):
+    verdicts = [verify(model, None, key, reference) for key in keys]
+    for v in verdicts:
+        assert (v.matched_bits == BITS) == scales and (v.adapter_bits == BITS) == adapter, v
+        assert v.owned == (scales or adapter), v
+    fresh = [verify(model, None, WatermarkKey.generate("stranger", keys[0].carrier, bits=BITS, triggers=0),
+                    reference) for _ in range(30)]
+    assert not any(v.owned for v in fresh)
+    assert max(max(v.matched_bits, v.adapter_bits) for v in fresh) < BITS - 6  # chance: about 20 of 40
+    return verdicts
+
+
+@pytest.mark.parametrize("moves", [("permute",), ("rescale",), ("rescale", "permute")])
+def test_alignment_undoes_what_keeps_the_function(marked, moves):
+    family, _, _, merged, keys, reference = marked
+    stolen = copy.deepcopy(merged)
+    rng = np.random.default_rng(7)
+    for move in moves:
+        getattr(attacks, move)(stolen, rng)
+    inputs = torch.randint(5, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(_logits(stolen, inputs), _logits(merged, inputs), atol=1e-4)  # the same function
+    verdicts = _check(stolen, keys, reference, scales=True, adapter=True)
+    assert all(v.aligned not in (None, "not needed (read as it is)") for v in verdicts)
+    unaligned = Reference(reference.carrier, reference.values)  # read as it is, the scales' bits are gone
+    assert all(verify(stolen, None, key, unaligned).matched_bits < BITS - 6 for key in keys)
+
+
+def test_resetting_the_scales_leaves_the_adapters_bits(marked):
+    _, base, _, merged, keys, reference = marked
+    stolen = copy.deepcopy(merged)
+    attacks.reset(stolen, base, replace(keys[0].carrier, weights=()))
+    _check(stolen, keys, reference, scales=False, adapter=True)
+    attacks.reset(stolen, base, keys[0].carrier)  # and the adapted weights: the fine-tuning is gone with the bits
+    assert all(not verify(stolen, None, key, reference).owned for key in keys)
+
+
+def test_refactoring_the_adapter_changes_nothing(marked):
+    """B·A = (B·R)(R⁻¹·A) for any invertible R: the effective change, so the bits, stay."""
+    _, _, adapted, _, keys, reference = marked
+    refactored = copy.deepcopy(adapted)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in refactored.modules():
+            if "default" in getattr(module, "lora_A", {}):
+                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                r = torch.randn(a.shape[0], a.shape[0], generator=generator, dtype=torch.float64)
+                b.copy_((b.double() @ r).float())
+                a.copy_((torch.linalg.inv(r) @ a.double()).float())
+    _check(refactored, keys, reference, scales=True, adapter=True)
+
+
+def test_the_base_model_and_fresh_keys_stay_at_chance(marked):
+    _, base, _, _, keys, reference = marked
+    for key in keys:
+        v = verify(base, None, key, reference)
+        assert v.matched_bits == v.adapter_bits == 0 and not v.owned  # a zero projection counts as a miss
