@@ -53,7 +53,7 @@ from securefed.watermark import attacks
 from securefed.watermark.feature import scale_parameters
 from securefed.watermark.keys import WatermarkKey
 from securefed.watermark.reference import Reference
-from securefed.watermark.verify import verify
+from securefed.watermark.verify import readings, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_OWNER_P, TARGET_NON_OWNER_P = 1e-12, 1e-3
@@ -99,6 +99,44 @@ def summary(rows: list[dict]) -> dict:
     return {"clients": rows, "worst_p": max(r["p"] for r in rows), "worst_bits_p": max(r["bits_p"] for r in rows),
             "owned": sum(r["owned"] for r in rows),
             "meets_target": all(r["p"] <= TARGET_OWNER_P for r in rows)}
+
+
+def overwrite(model, tokenizer, job, splits, keys, steps: int) -> None:
+    """The thief's own watermark, embedded as the owners embedded theirs: LoRA on the job's targets and the carrier's
+    scales, SGD at the job's rate, on SST-2 batches of the job's size plus the hinges of a fresh key per owner, for
+    as many local steps as each owner trained; then merged back into `model`."""
+    from securefed.config import LoraConfig
+    from securefed.models.adapters import attach
+    from securefed.models.norms import last_block_norms
+    from securefed.watermark.delta import DeltaWatermark
+    from securefed.watermark.feature import FeatureWatermark, describe_carrier
+
+    norms = last_block_norms(model, keys[0].carrier.blocks)
+    lora = LoraConfig(method="lora", r=job.peft.r, alpha=job.peft.alpha, target_modules=job.peft.target_modules)
+    thief = attach(model, lora, norms)
+    carrier = describe_carrier("stolen", thief, keys[0].carrier.blocks, norms)
+    start = Reference.of(thief, carrier).scales
+    terms = []
+    for i in range(len(keys)):
+        key = WatermarkKey.generate(f"thief {i}", carrier, bits=keys[0].bits, triggers=0)
+        terms += [FeatureWatermark(key, thief, start, weight=1.0, margin=0.05, clients=len(keys)),
+                  DeltaWatermark(key, thief, weight=1.0, margin=0.05, clients=len(keys))]
+    train = encode(splits.train.texts, tokenizer, job.data.max_length, splits.train.labels)
+    collator = PadCollator(tokenizer.pad_token_id)
+    optimizer = torch.optim.SGD([p for p in thief.parameters() if p.requires_grad], lr=job.federation.learning_rate)
+    rng = np.random.default_rng(1)
+    thief.train()
+    for step in range(steps):
+        if step % job.federation.local_steps == 0:
+            for term in terms:
+                term.begin_round()
+        batch = collator.batch(train, rng.choice(len(train), job.federation.batch_size, replace=False))
+        loss = thief(**batch).loss + sum(term() for term in terms)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    thief.eval()
+    thief.merge_and_unload()
 
 
 def finetune_on_ag_news(model, tokenizer, learning_rate: float) -> float:
@@ -159,11 +197,11 @@ def int8_round_trip(model) -> None:
                 p.copy_(torch.round(p / scale).clamp(-127, 127) * scale)
 
 
-def fresh_key_rates(model, tokenizer, carrier, base, count: int, bits: int) -> dict:
-    ps = []
+def fresh_key_rates(model, tokenizer, carrier, reference, count: int, bits: int) -> dict:
+    ps, prepared = [], readings(model, carrier, reference)  # alignment reads no key: one for all
     for i in range(count):
         key = WatermarkKey.generate(f"fresh {i}", carrier, bits=bits)
-        ps.append(verify(model, tokenizer, key, base).p_value)
+        ps.append(verify(model, tokenizer, key, reference, prepared=prepared).p_value)
         if i % 200 == 199:
             say(f"fresh keys: {i + 1}/{count}")
     ps = np.array(ps)
@@ -260,6 +298,12 @@ def main() -> None:
             ag_news = finetune_on_ag_news(model, tokenizer, learning_rate)
             results[name] = {**summary(verdicts(model, tokenizer, keys, reference)), "ag_news_accuracy": ag_news}
             say(f"{name}: worst p {results[name]['worst_p']:.3g}")
+
+        model, tokenizer = load_merged(run_dir / "model")
+        overwrite(model, tokenizer, job, splits, keys, job.federation.rounds * job.federation.local_steps)
+        results["overwrite"] = {**summary(verdicts(model, tokenizer, keys, reference)),
+                                "dev_accuracy": dev_accuracy(model, tokenizer, splits)}
+        say(f"overwrite: worst p {results['overwrite']['worst_p']:.3g}")
 
     costs = [100 * (trained[f"baseline-{i}"]["dev_accuracy"] - trained[f"watermarked-{i}"]["dev_accuracy"])
              for i in range(args.seeds)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -108,7 +109,7 @@ class Client:
         vector = self.wrapper.replay(ins.round, weights) if self.wrapper else None
         if vector is None:
             self.view.set(weights)
-            metrics["loss"] = float(np.mean(self._train_locally(ins.round)))
+            metrics["loss"] = float(np.mean(self._train_locally(ins.round, self._share(ins.examples))))
             vector = self.weighting.contribution(self.view.get() - weights, self.examples)
             if not np.isfinite(vector).all():  # nothing is released, so nothing is spent
                 raise UpdateRefused(f"round {ins.round}: the update holds NaN or inf (local training diverged, or "
@@ -138,7 +139,13 @@ class Client:
         self.keep(weights)
         return FinalRes(round=ins.round, digest=hashlib.sha256(np.ascontiguousarray(weights).tobytes()).digest())
 
-    def _train_locally(self, round: int) -> list[float]:
+    def _share(self, examples: float) -> float | None:
+        """This client's share of the example-weighted mean, from the last round's Σ n_k (None: not known)."""
+        if not (math.isfinite(examples) and examples >= 0):
+            raise ProtocolError(f"the server's count of last round's examples is {examples!r}, not a count")
+        return min(1.0, self.examples / examples) if examples > 0 else None
+
+    def _train_locally(self, round: int, share: float | None = None) -> list[float]:
         cfg = self.training
         optimizer = self._optimizer(round)
         module, batches = self.model, self._batches(round)
@@ -148,7 +155,7 @@ class Client:
             module, optimizer = self.wrapper.wrap(self.model, optimizer, round)
         losses = []
         for term in self.loss_terms:
-            term.begin_round()
+            term.begin_round(share)
         self.model.train()
         # Dropout draws from torch's global generator: seed it per (round, client), then restore it.
         with torch.random.fork_rng(devices=[]):

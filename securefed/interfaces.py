@@ -132,8 +132,9 @@ class LossTerm(ABC):
 
     name: str
 
-    def begin_round(self) -> None:  # noqa: B027 - most terms need no notice of a new round
-        """Called before each round's local training, with the global weights in place."""
+    def begin_round(self, share: float | None = None) -> None:  # noqa: B027 - most terms need no notice
+        """Called before each round's local training, with the global weights in place. `share`: about this
+        client's weight in the round's example-weighted mean (None: not known)."""
 
     @abstractmethod
     def __call__(self) -> torch.Tensor:

@@ -50,6 +50,7 @@ class Server:
     ):
         self.schedule = schedule
         self._bound = 0.0  # the encoding bound of the next round's update entries (0: the secure sum's widest)
+        self._examples = 0.0  # Σ n_k of the last round's clear sum (0: not known)
         self.spec = spec
         self.size = size  # of the trainable vector
         self.secure_sum = secure_sum
@@ -64,7 +65,7 @@ class Server:
         """Run rounds `start`..`rounds` from the global `model` (a PlainModel, or sealed); every finished round is
         committed to the run directory. Returns the final global model."""
         rounds = range(start, self.schedule.rounds + 1)
-        self._bound = self._resumed_bound(start)
+        self._bound, self._examples = self._resumed(start)
         setup = self.setup(rounds) if rounds else None
         for round in rounds:
             model, record = self.round(round, model)
@@ -74,10 +75,12 @@ class Server:
             self.observer.round_finished(record)
         return model
 
-    def _resumed_bound(self, start: int) -> float:
-        """The encoding bound the last committed round chose for the next one, so a resumed run is exact."""
+    def _resumed(self, start: int) -> tuple[float, float]:
+        """The encoding bound the last committed round chose for the next one, and its Σ n_k, so a resumed run is
+        exact."""
         last = [r for r in self.run_dir.records() if r.get("round") == start - 1] if start > 1 else []
-        return float(last[-1].get("next_bound", 0.0)) if last else 0.0
+        record = last[-1] if last else {}
+        return float(record.get("next_bound", 0.0)), float(record.get("next_examples", 0.0))
 
     def setup(self, rounds: range) -> dict:
         """Run the secure sum's setup for `rounds`; return what it cost."""
@@ -101,6 +104,7 @@ class Server:
             with log.aggregation:
                 model = _aggregate(model, result, self.weighting)
             log.contributors = len(result.contributors)
+            self._examples = float(result.total[-1]) if isinstance(result, SumResult) else 0.0
             encoding = getattr(result, "encoding", None)
         except RoundAborted as exc:
             aborted = str(exc)
@@ -139,13 +143,15 @@ class Server:
             self._bound = encoding.following
         if self._bound:
             record["next_bound"] = self._bound
+        if self._examples:
+            record["next_examples"] = self._examples
         if aborted:
             record["aborted"] = aborted
         return model, record
 
     def _train(self, log: _RoundLog, model: Message) -> dict[int, TrainRes]:
         """Broadcast the global model; keep the well-formed replies, count the rest as dropouts."""
-        ins = TrainIns(round=log.round, spec=self.spec, model=model, bound=self._bound)
+        ins = TrainIns(round=log.round, spec=self.spec, model=model, bound=self._bound, examples=self._examples)
         log.told = hashlib.sha256(encode(ins)).digest()  # the same for every client: hardened SecAgg+ checks it
         exchange = log.add(self.grid.exchange(dict.fromkeys(log.cohort, ins)))
         log.train_seconds = exchange.client_seconds

@@ -269,3 +269,23 @@ def test_a_client_never_sends_a_non_finite_update(job_file, tmp_path):
     with pytest.raises(UpdateRefused, match="NaN or inf"):
         client.handle(TrainIns(round=1, spec=task.bundle.view.spec.digest, model=PlainModel(weights=weights)))
     assert client.sent.rounds == set()
+
+
+def test_the_server_tells_each_round_last_rounds_examples_and_a_client_refuses_a_false_count(job_file, tmp_path):
+    """A client's share of the example-weighted mean is n_k over last round's Σ n_k, which the server learns anyway;
+    the adapter's watermark aims by it. A count that is no count (NaN, negative) is a protocol error."""
+    from securefed.errors import ProtocolError
+
+    config = load_job(job_file).model_copy(update={"secagg": PlainSumConfig(mode="none", insecure=True)})
+    result = run(config, out=tmp_path / "run")
+    total = sum(len(d) for d in client_datasets(load_task(config)))
+    records = result.records
+    assert all(r["next_examples"] == pytest.approx(total) for r in records)  # every client takes part
+    task = load_task(config)
+    client = make_client(task, 0, client_datasets(task)[0], run=RunDir.create(config, tmp_path / "r"))
+    weights = task.bundle.view.get()
+    for count in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(ProtocolError, match="not a count"):
+            client.handle(TrainIns(round=1, spec=task.bundle.view.spec.digest, model=PlainModel(weights=weights),
+                                   examples=count))
+    assert client.sent.rounds == set()

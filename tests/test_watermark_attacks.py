@@ -63,7 +63,7 @@ def marked(request, tmp_path_factory):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return family, base, adapted, adapted.merge_and_unload().eval(), keys, reference
+    return family, base, adapted, copy.deepcopy(adapted).merge_and_unload().eval(), keys, reference
 
 
 def _logits(model, inputs):
@@ -112,14 +112,20 @@ def test_refactoring_the_adapter_changes_nothing(marked):
     _, _, adapted, _, keys, reference = marked
     refactored = copy.deepcopy(adapted)
     generator = torch.Generator().manual_seed(3)
+    layers = [m for m in refactored.modules() if "default" in getattr(m, "lora_A", {})]
+    assert len(layers) == len(keys[0].carrier.weights)
     with torch.no_grad():
-        for module in refactored.modules():
-            if "default" in getattr(module, "lora_A", {}):
+        for module in layers:
                 a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
                 r = torch.randn(a.shape[0], a.shape[0], generator=generator, dtype=torch.float64)
                 b.copy_((b.double() @ r).float())
                 a.copy_((torch.linalg.inv(r) @ a.double()).float())
+    assert not torch.allclose(layers[0].lora_A["default"].weight, adapted_a(adapted))
     _check(refactored, keys, reference, scales=True, adapter=True)
+
+
+def adapted_a(model) -> torch.Tensor:
+    return next(m for m in model.modules() if "default" in getattr(m, "lora_A", {})).lora_A["default"].weight
 
 
 def test_the_base_model_and_fresh_keys_stay_at_chance(marked):
@@ -127,3 +133,19 @@ def test_the_base_model_and_fresh_keys_stay_at_chance(marked):
     for key in keys:
         v = verify(base, None, key, reference)
         assert v.matched_bits == v.adapter_bits == 0 and not v.owned  # a zero projection counts as a miss
+
+
+def test_a_small_client_aims_its_adapter_bits_farther(marked):
+    """LoRA's factors average over examples: a client with share w moves the global ΔW w times its own move, so it
+    aims 1/w as far (K while w is unknown), never past MAX_REACH, whatever the server claims."""
+    from securefed.watermark.delta import MAX_REACH
+
+    _, _, adapted, _, keys, _ = marked
+    term = DeltaWatermark(keys[0], adapted, weight=1.0, margin=0.05, clients=4)
+    assert [term.reach(share) for share in (None, 0.5, 0.01, 1e-12)] == [4, 2.0, 100.0, MAX_REACH]
+    term.begin_round(0.01)
+    with torch.no_grad():
+        signed = torch.from_numpy(keys[0].message()) * term.projected()
+        hinge = torch.relu(term.target - signed).sum()
+        assert torch.all(term.target >= torch.minimum(signed + 100 * (0.05 - signed), torch.tensor(0.05)) - 1e-6)
+        assert float(term()) == pytest.approx(25 * float(hinge), rel=1e-5)  # it pulls 100/4 times as hard

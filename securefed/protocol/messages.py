@@ -29,12 +29,15 @@ class TrainIns(Message):
 
     `model` is a PlainModel, or a sealed aggregate that only the clients can open (CKKS). `bound` is the
     server's encoding bound for this round's update entries, for a fixed-point secure sum (0: the job's clip).
+    `examples` is Σ n_k of the last round's sum, which the server learns anyway (0: not known, as in round 1 or
+    under CKKS): a client's share of the example-weighted mean is about n_k over it.
     """
 
     round: int
     spec: SpecDigest
     model: Message
     bound: float = 0.0
+    examples: float = 0.0
 
 
 @message(2)

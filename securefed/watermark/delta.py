@@ -23,6 +23,8 @@ from .keys import WatermarkKey
 if TYPE_CHECKING:
     from .terms import Embedding
 
+MAX_REACH = 1000.0
+
 
 def delta_projected(key: WatermarkKey, deltas: Sequence[np.ndarray]) -> np.ndarray:
     """The B projections of the adapted weights' changes, in the carrier's order."""
@@ -58,6 +60,15 @@ class DeltaWatermark(Hinge):
                 raise WatermarkError(f"the key marks the adapted weight {name} ({rows}×{columns}), which this "
                                      "job's adapter does not train")
             self.layers.append((layer, torch.from_numpy(u), torch.from_numpy(v)))
+
+    def reach(self, share: float | None) -> float:
+        """1/w: LoRA's factors average over examples (1/K while the share is not known). At most MAX_REACH, so a
+        server that lies about last round's examples cannot make a client throw its model away."""
+        return self.clients if share is None else min(MAX_REACH, 1 / max(share, 1 / MAX_REACH))
+
+    def __call__(self) -> torch.Tensor:
+        # a small client's bits must move its local factors 1/(K·w) times as far: the hinge pulls as much harder
+        return max(1.0, self.factor / self.clients) * super().__call__()
 
     def projected(self) -> torch.Tensor:
         total = 0

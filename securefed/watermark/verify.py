@@ -24,7 +24,7 @@ from ..models.generation import greedy_answers
 from .align import Alignment, align, needed
 from .delta import matched_delta_bits
 from .feature import matched_bits
-from .keys import WatermarkKey
+from .keys import Carrier, WatermarkKey
 from .reference import Reference, carrier_names, read, scale_vector
 from .trigger import ANSWER_TOKENS, trigger_set
 
@@ -56,20 +56,39 @@ class Verdict:
         return {**asdict(self), "verdict": "owned" if self.owned else "not owned"}
 
 
-def verify(model: torch.nn.Module, tokenizer, key: WatermarkKey, reference: Reference, *,
-           threshold: float = DEFAULT_THRESHOLD, batch_size: int = 64) -> Verdict:
-    """Check `key` against `model` (plain or peft). When `reference` holds what alignment reads, the carriers are
-    read twice, as they are and aligned, and the better reading counts twice (Bonferroni): alignment undoes a thief's
-    reparameterization, and the plain reading stays exact where a model's own fine-tuning blurs what alignment fits."""
-    readings = [_bits(key, reference, *_read(model, key, reference, aligned=False)[:2])]
-    alignment = None
+@dataclass(frozen=True)
+class Reading:
+    """A model's carriers in the base's coordinates: the scales, the adapted weights' changes, and the alignment
+    that produced them (None: read as they are)."""
+
+    scales: np.ndarray
+    deltas: list[np.ndarray]
+    alignment: Alignment | None = None
+
+
+def readings(model: torch.nn.Module, carrier: Carrier, reference: Reference) -> list[Reading]:
+    """The carriers read as they are and, when `reference` holds what alignment reads, aligned. Alignment never
+    reads a key: every key of this carrier may share these."""
+    found = [_read(model, carrier, reference, aligned=False)]
     if reference.anatomy is not None:
-        scales, deltas, alignment = _read(model, key, reference, aligned=True)
-        readings.append(_bits(key, reference, scales, deltas))
-    best = min(range(len(readings)), key=lambda i: min(p for p in readings[i][1::2] if p is not None))
-    matched, bits_p, adapter, adapter_p = readings[best]
-    tests = [len(readings) * p for p in readings[best][1::2] if p is not None]
-    aligned = None if alignment is None else alignment.describe() if best else "not needed (read as it is)"
+        found.append(_read(model, carrier, reference, aligned=True))
+    return found
+
+
+def verify(model: torch.nn.Module, tokenizer, key: WatermarkKey, reference: Reference, *,
+           threshold: float = DEFAULT_THRESHOLD, batch_size: int = 64,
+           prepared: list[Reading] | None = None) -> Verdict:
+    """Check `key` against `model` (plain or peft). With several readings (as it is, aligned), the better one counts
+    at its p-value times their number (Bonferroni): alignment undoes a thief's reparameterization, and the plain
+    reading stays exact where a model's own fine-tuning blurs what alignment fits. `prepared`: the model's readings,
+    if already made for this carrier."""
+    read = prepared if prepared is not None else readings(model, key.carrier, reference)
+    counts = [_bits(key, reference, r) for r in read]
+    best = min(range(len(read)), key=lambda i: min(p for p in counts[i][1::2] if p is not None))
+    matched, bits_p, adapter, adapter_p = counts[best]
+    tests = [len(read) * p for p in counts[best][1::2] if p is not None]
+    alignment = read[best].alignment
+    aligned = None if len(read) == 1 else alignment.describe() if alignment else "not needed (read as it is)"
     hits = triggers_p = None
     if key.triggers:
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -98,19 +117,15 @@ def verify(model: torch.nn.Module, tokenizer, key: WatermarkKey, reference: Refe
                    triggers_p, p, threshold, aligned)
 
 
-def _bits(key: WatermarkKey, reference: Reference, scales: np.ndarray, deltas: list[np.ndarray]
-          ) -> tuple[int, float, int | None, float | None]:
+def _bits(key: WatermarkKey, reference: Reference, reading: Reading) -> tuple[int, float, int | None, float | None]:
     """Matched scale bits and their p; matched adapter bits and their p (None without adapted weights)."""
-    matched = matched_bits(key, scales, reference.scales)
-    adapter = matched_delta_bits(key, deltas) if key.carrier.weights else None
+    matched = matched_bits(key, reading.scales, reference.scales)
+    adapter = matched_delta_bits(key, reading.deltas) if key.carrier.weights else None
     return (matched, float(binom.sf(matched - 1, key.bits, 0.5)), adapter,
             None if adapter is None else float(binom.sf(adapter - 1, key.bits, 0.5)))
 
 
-def _read(model: torch.nn.Module, key: WatermarkKey, reference: Reference, *, aligned: bool
-          ) -> tuple[np.ndarray, list[np.ndarray], Alignment | None]:
-    """The model's carrier scales and adapted weights' changes, in the base's coordinates, and the alignment used."""
-    carrier = key.carrier
+def _read(model: torch.nn.Module, carrier: Carrier, reference: Reference, *, aligned: bool) -> Reading:
     weights = [name for name, _, _ in carrier.weights]
     norms = [name.removesuffix(".weight") for name, _ in carrier.parameters]
     if not aligned:
@@ -119,11 +134,11 @@ def _read(model: torch.nn.Module, key: WatermarkKey, reference: Reference, *, al
             if value.shape != reference.values[name].shape:
                 raise WatermarkError(f"the key was made for another model ({carrier.model}): its {name} is "
                                      f"{reference.values[name].shape}, this model's {value.shape}")
-        return (scale_vector(values, carrier), [values[w] - reference.values[w] for w in weights], None)
+        return Reading(scale_vector(values, carrier), [values[w] - reference.values[w] for w in weights])
     body = reference.anatomy
     values = read(model, set(carrier_names(carrier)) | set(needed(body, norms, weights)))
     alignment = align(body, values, reference.values, norms, weights)
     scales = np.concatenate([alignment.scale(norm, values[f"{norm}.weight"], reference.values[f"{norm}.weight"])
                              for norm in norms])
     deltas = [alignment.weight(w, body.group_of_reader(w), values[w]) - reference.values[w] for w in weights]
-    return scales, deltas, alignment
+    return Reading(scales, deltas, alignment)
