@@ -237,6 +237,14 @@ def test_named_keys_must_fit_the_job(tmp_path, wide_model, tiny_model, sst2_samp
     other = write_job(tmp_path, tiny_model, *sst2_sample, federation={"clients": 4}, watermark={"keys": keys})
     with pytest.raises(WatermarkError, match="org-0.wmkey: the key was made for another base model"):
         load_task(load_job(other))
+    # a key for an adapter on `query` alone, in a job whose LoRA adapts peft's default (query and value)
+    adapter_key = WatermarkKey.generate("org q", base_carrier(str(wide_model), 2, ["query"]), bits=32)
+    assert [name.split(".")[-2] for name, _, _ in adapter_key.carrier.weights] == ["query", "query"]
+    adapter_key.save(tmp_path / "org-q.wmkey")
+    job = write_job(tmp_path, wide_model, *sst2_sample, federation={"clients": 4},
+                    watermark={"keys": [str(tmp_path / "org-q.wmkey"), *keys[1:]]})
+    with pytest.raises(WatermarkError, match="org-q.wmkey: the key marks 2 adapted weights that differ from the 4"):
+        load_task(load_job(job))
 
 
 def test_per_client_entries_average_over_clients():

@@ -19,9 +19,10 @@ from securefed.models.norms import last_block_norms
 from securefed.watermark import attacks
 from securefed.watermark.delta import DeltaWatermark
 from securefed.watermark.feature import FeatureWatermark, describe_carrier
+from securefed.watermark.hinge import mark
 from securefed.watermark.keys import WatermarkKey
 from securefed.watermark.reference import Reference
-from securefed.watermark.verify import verify
+from securefed.watermark.verify import readings, verify
 
 BITS = 40
 FAMILIES = {"bert": (AutoModelForSequenceClassification, ["value"], "classification"),
@@ -54,15 +55,7 @@ def marked(request, tmp_path_factory):
     terms = [term for key in keys for term in (
         FeatureWatermark(key, adapted, reference.scales, weight=1.0, margin=0.05, clients=1),
         DeltaWatermark(key, adapted, weight=1.0, margin=0.05, clients=1))]
-    optimizer = torch.optim.Adam([p for p in adapted.parameters() if p.requires_grad], lr=3e-3)
-    for step in range(200):
-        if step % 50 == 0:
-            for term in terms:
-                term.begin_round()
-        loss = sum(term() for term in terms)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    mark(terms, [p for p in adapted.parameters() if p.requires_grad], steps=200, lr=3e-3, steps_per_round=50)
     return family, base, adapted, copy.deepcopy(adapted).merge_and_unload().eval(), keys, reference
 
 
@@ -72,12 +65,13 @@ def _logits(model, inputs):
 
 
 def _check(model, keys, reference, *, scales: bool, adapter: bool):
-    verdicts = [verify(model, None, key, reference) for key in keys]
+    prepared = readings(model, keys[0].carrier, reference)  # alignment reads no key: one reading serves all
+    verdicts = [verify(model, None, key, reference, prepared=prepared) for key in keys]
     for v in verdicts:
         assert (v.matched_bits == BITS) == scales and (v.adapter_bits == BITS) == adapter, v
         assert v.owned == (scales or adapter), v
     fresh = [verify(model, None, WatermarkKey.generate("stranger", keys[0].carrier, bits=BITS, triggers=0),
-                    reference) for _ in range(30)]
+                    reference, prepared=prepared) for _ in range(30)]
     assert not any(v.owned for v in fresh)
     assert max(max(v.matched_bits, v.adapter_bits) for v in fresh) < BITS - 6  # chance: about 20 of 40
     return verdicts

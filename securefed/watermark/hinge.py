@@ -13,6 +13,7 @@ and noise (see client.py), costs no privacy, and no clipping dilutes it.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 
 import torch
 
@@ -48,3 +49,18 @@ class Hinge(LossTerm):
 
     def __call__(self) -> torch.Tensor:
         return self.weight * torch.relu(self.target - self._signed()).sum()
+
+
+def mark(terms: Sequence[Hinge], parameters: Sequence[torch.nn.Parameter], *, steps: int, lr: float,
+         steps_per_round: int = 25) -> None:
+    """Write the terms' bits with the hinges alone, no data, by Adam on `parameters`: what the benchmarks and tests
+    of reading (alignment, attacks) start from."""
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    for step in range(steps):
+        if step % steps_per_round == 0:
+            for term in terms:
+                term.begin_round()
+        loss = sum(term() for term in terms)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
