@@ -3,9 +3,9 @@
 
 For each model (MiniLM, SmolLM2), LoRA on the examples' targets and the carrier's scales are marked by the hinges
 alone (no data: this measures reading, not training) for --owners keys of --bits bits, and merged. Then each attack
-of securefed/watermark/attacks.py runs on a copy: the largest change of the logits on a few inputs (the function must
-stay), each owner's bits in both carriers read as they are and aligned, what alignment undid, its time, and the most
-bits any of --fresh fresh keys matches after alignment.
+of securefed/watermark/attacks.py runs on a copy (a rotation only where the norms allow one): the largest change of
+the logits on a few inputs (the function must stay), each owner's bits in both carriers read as they are and
+aligned, what alignment undid, its time, and the most bits any of --fresh fresh keys matches after alignment.
 
     python benchmarks/alignment.py [--models minilm smollm2] [--owners 4] [--bits 64] [--fresh 100]
 
@@ -98,8 +98,10 @@ def main() -> None:
         expected = logits(model, inputs)
         rows = {"marked": read(model, keys, reference, args.fresh), "base": read(base, keys, reference, 0)}
         rng = np.random.default_rng(0)
-        for attack, moves in (("permute", ("permute",)), ("rescale", ("rescale",)),
-                              ("permute_rescale", ("rescale", "permute"))):
+        suite = [("permute", ("permute",)), ("rescale", ("rescale",)), ("permute_rescale", ("rescale", "permute"))]
+        if reference.anatomy.rotations:
+            suite += [("rotate", ("rotate",)), ("rescale_rotate", ("rescale", "rotate"))]
+        for attack, moves in suite:
             stolen = copy.deepcopy(model)
             for move in moves:
                 getattr(attacks, move)(stolen, rng)

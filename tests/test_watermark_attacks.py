@@ -77,9 +77,11 @@ def _check(model, keys, reference, *, scales: bool, adapter: bool):
     return verdicts
 
 
-@pytest.mark.parametrize("moves", [("permute",), ("rescale",), ("rescale", "permute")])
+@pytest.mark.parametrize("moves", [("permute",), ("rescale",), ("rescale", "permute"), ("rotate",)])
 def test_alignment_undoes_what_keeps_the_function(marked, moves):
     family, _, _, merged, keys, reference = marked
+    if moves == ("rotate",) and family != "llama":
+        pytest.skip("a post-LN model's norms do not commute with a rotation: no such attack")
     stolen = copy.deepcopy(merged)
     rng = np.random.default_rng(7)
     for move in moves:
@@ -124,9 +126,12 @@ def adapted_a(model) -> torch.Tensor:
 
 def test_the_base_model_and_fresh_keys_stay_at_chance(marked):
     _, base, _, _, keys, reference = marked
+    unaligned = Reference(reference.carrier, reference.values)
     for key in keys:
-        v = verify(base, None, key, reference)
+        v = verify(base, None, key, unaligned)
         assert v.matched_bits == v.adapter_bits == 0 and not v.owned  # a zero projection counts as a miss
+        v = verify(base, None, key, reference)  # aligned, rounding leaves projections of about 1e-16: coin flips
+        assert not v.owned and max(v.matched_bits, v.adapter_bits) < BITS - 6
 
 
 def test_a_small_client_aims_its_adapter_bits_farther(marked):

@@ -2,13 +2,16 @@
 and read its carriers in the base model's coordinates.
 
 Three steps, each fitted to the base model the key names, never to the key:
-1. the residual stream's permutation and signs, from the embedding matrix's columns (matched by correlation with
-   the base's, one to one);
+1. the residual stream's basis Q, with E_suspect ≈ E_base·Q for the embedding matrices: a permutation with signs
+   (each base column matched one to one with the suspect column it correlates with most), or, in a family whose
+   norms are RMSNorms read only by linear layers, any rotation (orthogonal Procrustes): with its scales folded into
+   their readers, such a model computes the same function in any rotated basis of its residual stream;
 2. for each norm's group of readers (anatomy.py), the order of each reader's rows (matched by the profile of their
    magnitudes, which neither a row's scale nor a column's scale changes), then the scale of every row and of every
    column, fitted jointly to the base's weights: X ≈ diag(d)·W·diag(s);
 3. a LayerNorm read only by a head the base lacks: its scale from its shift's ratio to the base's shift.
-A reader's weight in base coordinates is then diag(1/d)·X·diag(1/s), and a norm's scale ±γ[π]·s. The fit leaves one
+A reader's weight in base coordinates is then diag(1/d)·(X·Qᵀ)·diag(1/s), and a norm's scale ±diag(Q·diag(γ)·Qᵀ)·s
+(γ[π] with signs for a permutation). The fit leaves one
 sign open: a norm's output and every row reading it may flip together (attention scores are even in their input;
 a value row's flip is taken back by the output projection; a post-LN model's next norm takes back a flipped input).
 The sign chosen is the one that keeps the scale positively correlated with the base's: fine-tuning moves a scale by a
@@ -35,39 +38,40 @@ _FITS = 6  # alternating least-squares passes for the row and column scales
 class Alignment:
     """How the suspect's channels map onto the base's, and how to read its norms and readers in base coordinates."""
 
-    residual: np.ndarray  # for each base channel, the suspect's channel
-    signs: np.ndarray  # the residual stream's sign per base channel
+    basis: np.ndarray  # Q: the suspect's residual stream is the base's times Q (E_suspect ≈ E_base·Q)
     scales: dict[str, np.ndarray] = field(default_factory=dict)  # per norm: its readers' column scale s
     rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # per reader: (order, scale d)
 
     def scale(self, norm: str, values: np.ndarray, base: np.ndarray) -> np.ndarray:
         """A norm's scale, read in the base's coordinates (`base`: its values in the base model)."""
-        aligned = values[self.residual] * self.scales[norm]
+        aligned = (self.basis**2 @ values) * self.scales[norm]  # the diagonal of Q·diag(γ)·Qᵀ, times s
         return aligned if aligned @ base >= 0 else -aligned
+
+    def columns(self, values: np.ndarray) -> np.ndarray:
+        """A reader's columns in the base's residual basis: X·Qᵀ."""
+        return values @ self.basis.T
 
     def weight(self, name: str, group: Group, values: np.ndarray) -> np.ndarray:
         """A reader's weight in the base's coordinates."""
         order, d = self.rows[name]
-        return values[order][:, self.residual] * self.signs / d[:, None] / self.scales[group.norm]
-
-    def summary(self) -> dict:
-        """What alignment undid, for the verdict."""
-        moved = int(np.sum(self.residual != np.arange(len(self.residual))))
-        rows = sum(int(np.sum(order != np.arange(len(order)))) for order, _ in self.rows.values())
-        factors = np.concatenate([np.abs(s) for s in self.scales.values()] or [np.ones(1)])
-        flips = sum(int(np.sum(s < 0)) for s in self.scales.values()) + sum(
-            int(np.sum(d < 0)) for _, d in self.rows.values())
-        spread = float(np.max(np.abs(np.log(factors))))
-        return {"channels_moved": moved, "residual_signs_flipped": int(np.sum(self.signs < 0)),
-                "reader_rows_moved": rows, "signs_flipped": flips, "largest_rescale": round(float(np.exp(spread)), 3)}
+        return self.columns(values[order]) / d[:, None] / self.scales[group.norm]
 
     def describe(self) -> str:
-        s = self.summary()
-        parts = [f"{s['channels_moved']} residual channels moved" if s["channels_moved"] else "",
-                 f"{s['residual_signs_flipped'] + s['signs_flipped']} signs flipped"
-                 if s["residual_signs_flipped"] + s["signs_flipped"] else "",
-                 f"{s['reader_rows_moved']} reader rows moved" if s["reader_rows_moved"] else "",
-                 f"scales up to ×{s['largest_rescale']:g}" if s["largest_rescale"] > 1.01 else ""]
+        """What alignment undid, for the verdict."""
+        strongest = np.abs(self.basis).max(axis=1)
+        rotated = bool(np.any(strongest < 0.99))
+        source = np.abs(self.basis).argmax(axis=1)
+        moved = int(np.sum(source != np.arange(len(source))))
+        rows = sum(int(np.sum(order != np.arange(len(order)))) for order, _ in self.rows.values())
+        flips = int(np.sum(self.basis[np.arange(len(source)), source] < 0)) * (not rotated) + sum(
+            int(np.sum(s < 0)) for s in self.scales.values()) + sum(int(np.sum(d < 0)) for _, d in self.rows.values())
+        factors = np.concatenate([np.abs(s) for s in self.scales.values()] or [np.ones(1)])
+        largest = float(np.exp(np.max(np.abs(np.log(factors)))))
+        parts = ["the residual stream rotated back" if rotated else
+                 f"{moved} residual channels moved" if moved else "",
+                 f"{flips} signs flipped" if flips else "",
+                 f"{rows} reader rows moved" if rows else "",
+                 f"scales up to ×{largest:.3g}" if largest > 1.01 else ""]
         return ", ".join(p for p in parts if p) or "nothing to undo"
 
 
@@ -85,13 +89,17 @@ def align(anatomy: Anatomy, suspect: Mapping[str, np.ndarray], base: Mapping[str
           norms: Iterable[str], readers: Iterable[str]) -> Alignment:
     """Fit the suspect's reparameterization relative to the base, for the groups these norms and readers need."""
     norms, readers = list(norms), list(readers)
-    residual, signs = _match_columns(suspect[anatomy.embedding], base[anatomy.embedding])
-    alignment = Alignment(residual, signs)
+    suspect_embedding, base_embedding = suspect[anatomy.embedding], base[anatomy.embedding]
+    if suspect_embedding.shape != base_embedding.shape:
+        raise WatermarkError(f"the suspect's embedding is {suspect_embedding.shape}, the base's "
+                             f"{base_embedding.shape}: another model")
+    match = _rotation if anatomy.rotations else _signed_permutation
+    alignment = Alignment(match(suspect_embedding, base_embedding))
     for group in _groups(anatomy, norms, readers):
         _fit_group(alignment, group, suspect, base)
     for norm in norms:
         if norm in anatomy.unread:
-            alignment.scales[norm] = _shift_scale(norm, suspect, base, alignment.residual)
+            alignment.scales[norm] = _shift_scale(norm, suspect, base, alignment)
     return alignment
 
 
@@ -117,13 +125,20 @@ def _unit(columns: np.ndarray) -> np.ndarray:
     return columns / np.maximum(np.linalg.norm(columns, axis=0), 1e-12)
 
 
-def _match_columns(suspect: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One-to-one match of the base's columns to the suspect's by absolute correlation; the sign of each match."""
-    if suspect.shape != base.shape:
-        raise WatermarkError(f"the suspect's embedding is {suspect.shape}, the base's {base.shape}: another model")
+def _signed_permutation(suspect: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Q as a permutation with signs: each base column matched one to one with the suspect column it correlates with
+    most."""
     correlation = _unit(base).T @ _unit(suspect)
     rows, order = linear_sum_assignment(-np.abs(correlation))
-    return order, np.where(correlation[rows, order] < 0, -1.0, 1.0)
+    basis = np.zeros_like(correlation)
+    basis[rows, order] = np.where(correlation[rows, order] < 0, -1.0, 1.0)
+    return basis
+
+
+def _rotation(suspect: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Q as the orthogonal matrix nearest to mapping the base's embedding onto the suspect's (Procrustes)."""
+    u, _, vt = np.linalg.svd(base.T @ suspect)
+    return u @ vt
 
 
 def _profile(weight: np.ndarray) -> np.ndarray:
@@ -140,7 +155,7 @@ def _fit_group(alignment: Alignment, group: Group, suspect: Mapping[str, np.ndar
     change can blur rows that are alike, and nothing then says they moved)."""
     xs, bs, matched = {}, {}, {}
     for name in group.readers:
-        x = suspect[name][:, alignment.residual] * alignment.signs
+        x = alignment.columns(suspect[name])
         b = base[name]
         if x.shape != b.shape:
             raise WatermarkError(f"{name} is {x.shape} in the suspect, {b.shape} in the base: another model")
@@ -175,10 +190,10 @@ def _scales(group: Group, xs: dict[str, np.ndarray], bs: dict[str, np.ndarray]
 
 
 def _shift_scale(norm: str, suspect: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
-                 residual: np.ndarray) -> np.ndarray:
+                 alignment: Alignment) -> np.ndarray:
     """A LayerNorm whose reader the base lacks: its output's scale a moved its scale and shift alike, so a comes from
     the shift, and s = 1/a."""
-    shift, base_shift = suspect[f"{norm}.bias"][residual], base[f"{norm}.bias"]
+    shift, base_shift = alignment.basis @ suspect[f"{norm}.bias"], base[f"{norm}.bias"]
     energy = float(base_shift @ base_shift)
     a = float(shift @ base_shift) / energy if energy > 1e-12 else 1.0
     if abs(a) < 1e-6:

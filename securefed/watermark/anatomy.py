@@ -30,6 +30,7 @@ class Anatomy:
     embedding: str  # [vocabulary, hidden]: its columns are the residual stream's channels
     groups: tuple[Group, ...]  # norms read by base weights
     unread: tuple[str, ...] = ()  # LayerNorms read only by a head the base lacks: their shift gives their scale
+    rotations: bool = False  # RMSNorms read by linear layers only: the residual stream may rotate, not only permute
 
     def group_of_norm(self, norm: str) -> Group | None:
         return next((g for g in self.groups if g.norm == norm), None)
@@ -65,7 +66,7 @@ def llama(model: torch.nn.Module) -> Anatomy:
         gate, up = f"{block}.mlp.gate_proj.weight", f"{block}.mlp.up_proj.weight"
         groups += [Group(f"{block}.input_layernorm", (q, k, v), (q, k)),
                    Group(f"{block}.post_attention_layernorm", (gate, up), (gate,))]
-    return Anatomy(f"{backbone}.embed_tokens.weight", tuple(groups))
+    return Anatomy(f"{backbone}.embed_tokens.weight", tuple(groups), rotations=True)
 
 
 ANATOMIES: dict[str, Callable[[torch.nn.Module], Anatomy]] = {

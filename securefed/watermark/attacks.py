@@ -2,9 +2,10 @@
 docs say so) and changes a merged model in place.
 
 The reparameterizations keep the model's function: a permutation of the residual stream's channels (with the MLP's
-channels and the attention heads' value dimensions), and a sign and scale moved between every norm and the layers
-that read it. They are written per family, apart from the anatomy alignment uses, so that a test checks alignment
-against an independent account of the model (and checks the function is kept).
+channels and the attention heads' value dimensions); a sign and scale moved between every norm and the layers
+that read it; for RMSNorm models, a rotation of the residual stream once the norms' scales are folded away. They are
+written per family, apart from the anatomy alignment uses, so that a test checks alignment against an independent
+account of the model (and checks the function is kept).
 """
 
 from __future__ import annotations
@@ -159,6 +160,33 @@ def rescale(model: torch.nn.Module, rng: np.random.Generator) -> None:
                     w[f"{block}.{reader}.weight"].div_(s)
     else:
         raise WatermarkError(f"no rescaling attack for {family}")
+
+
+@torch.no_grad()
+def rotate(model: torch.nn.Module, rng: np.random.Generator) -> None:
+    """SliceGPT's move on an RMSNorm model: fold every norm's scale into the layers that read it (the head too, untied
+    from the embedding), then turn the whole residual stream by a random rotation."""
+    if model.config.model_type not in ("llama", "mistral", "qwen2"):
+        raise WatermarkError(f"no rotation attack for {model.config.model_type}: its norms do not commute with one")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    w = _weights(model)
+    hidden = model.config.hidden_size
+    q = torch.from_numpy(np.linalg.qr(rng.standard_normal((hidden, hidden)))[0]).float()
+    folds = [("model.norm", ("lm_head",))]
+    for i in range(model.config.num_hidden_layers):
+        block = f"model.layers.{i}"
+        folds += [(f"{block}.input_layernorm", tuple(f"{block}.self_attn.{m}_proj" for m in "qkv")),
+                  (f"{block}.post_attention_layernorm", (f"{block}.mlp.gate_proj", f"{block}.mlp.up_proj"))]
+        for writer in (f"{block}.self_attn.o_proj", f"{block}.mlp.down_proj"):
+            w[f"{writer}.weight"].copy_(q.T @ w[f"{writer}.weight"])
+    for norm, readers in folds:
+        scale = w[f"{norm}.weight"]
+        for reader in readers:
+            w[f"{reader}.weight"].copy_((w[f"{reader}.weight"] * scale) @ q)
+        scale.fill_(1.0)
+    w["model.embed_tokens.weight"].copy_(w["model.embed_tokens.weight"] @ q)
 
 
 @torch.no_grad()
