@@ -102,9 +102,9 @@ def summary(rows: list[dict]) -> dict:
 
 
 def overwrite(model, tokenizer, job, splits, keys, steps: int) -> None:
-    """The thief's own watermark, embedded as the owners embedded theirs: LoRA on the job's targets and the carrier's
-    scales, SGD at the job's rate, on SST-2 batches of the job's size plus the hinges of a fresh key per owner, for
-    as many local steps as each owner trained; then merged back into `model`."""
+    """The thief's own watermark, embedded as an owner embeds its: LoRA on the job's targets and the carrier's scales,
+    SGD at the job's rate, on SST-2 batches of the job's size plus the hinges of one fresh key (one party: nothing
+    averages its move), for as many local steps as each owner trained; then merged back into `model`."""
     from securefed.config import LoraConfig
     from securefed.models.adapters import attach
     from securefed.models.norms import last_block_norms
@@ -115,12 +115,10 @@ def overwrite(model, tokenizer, job, splits, keys, steps: int) -> None:
     lora = LoraConfig(method="lora", r=job.peft.r, alpha=job.peft.alpha, target_modules=job.peft.target_modules)
     thief = attach(model, lora, norms)
     carrier = describe_carrier("stolen", thief, keys[0].carrier.blocks, norms)
-    start = Reference.of(thief, carrier).scales
-    terms = []
-    for i in range(len(keys)):
-        key = WatermarkKey.generate(f"thief {i}", carrier, bits=keys[0].bits, triggers=0)
-        terms += [FeatureWatermark(key, thief, start, weight=1.0, margin=0.05, clients=len(keys)),
-                  DeltaWatermark(key, thief, weight=1.0, margin=0.05, clients=len(keys))]
+    key = WatermarkKey.generate("thief", carrier, bits=keys[0].bits, triggers=0)
+    stolen = Reference.of(thief, carrier)  # the thief's bits are read against the model he stole
+    terms = [FeatureWatermark(key, thief, stolen.scales, weight=1.0, margin=0.05, clients=1),
+             DeltaWatermark(key, thief, weight=1.0, margin=0.05, clients=1)]
     train = encode(splits.train.texts, tokenizer, job.data.max_length, splits.train.labels)
     collator = PadCollator(tokenizer.pad_token_id)
     optimizer = torch.optim.SGD([p for p in thief.parameters() if p.requires_grad], lr=job.federation.learning_rate)
@@ -137,6 +135,7 @@ def overwrite(model, tokenizer, job, splits, keys, steps: int) -> None:
         optimizer.step()
     thief.eval()
     thief.merge_and_unload()
+    say(f"overwrite: the thief's own key against the stolen model: {verify(model, tokenizer, key, stolen).as_dict()}")
 
 
 def finetune_on_ag_news(model, tokenizer, learning_rate: float) -> float:
