@@ -22,7 +22,7 @@ Because nothing here reads the key, alignment cannot manufacture a match: a fres
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,7 +75,7 @@ class Alignment:
         return ", ".join(p for p in parts if p) or "nothing to undo"
 
 
-def needed(anatomy: Anatomy, norms: Iterable[str], readers: Iterable[str]) -> list[str]:
+def needed(anatomy: Anatomy, norms: Sequence[str], readers: Sequence[str]) -> list[str]:
     """The weights alignment reads for these norms and readers: the embedding, and every group they touch."""
     groups = _groups(anatomy, norms, readers)
     names = {anatomy.embedding} | {f"{g.norm}.weight" for g in groups} | {w for g in groups for w in g.readers}
@@ -86,9 +86,8 @@ def needed(anatomy: Anatomy, norms: Iterable[str], readers: Iterable[str]) -> li
 
 
 def align(anatomy: Anatomy, suspect: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
-          norms: Iterable[str], readers: Iterable[str]) -> Alignment:
+          norms: Sequence[str], readers: Sequence[str]) -> Alignment:
     """Fit the suspect's reparameterization relative to the base, for the groups these norms and readers need."""
-    norms, readers = list(norms), list(readers)
     suspect_embedding, base_embedding = suspect[anatomy.embedding], base[anatomy.embedding]
     if suspect_embedding.shape != base_embedding.shape:
         raise WatermarkError(f"the suspect's embedding is {suspect_embedding.shape}, the base's "
@@ -103,7 +102,7 @@ def align(anatomy: Anatomy, suspect: Mapping[str, np.ndarray], base: Mapping[str
     return alignment
 
 
-def _groups(anatomy: Anatomy, norms: Iterable[str], readers: Iterable[str]) -> list[Group]:
+def _groups(anatomy: Anatomy, norms: Sequence[str], readers: Sequence[str]) -> list[Group]:
     chosen: dict[str, Group] = {}
     for norm in norms:
         group = anatomy.group_of_norm(norm)

@@ -1,5 +1,5 @@
 """A thief's moves against a watermark, for the benchmark and the tests: each knows where the carriers live (our
-docs say so) and changes a merged model in place.
+docs say so) and changes a merged model in place (`refactor`: a model with its LoRA layers).
 
 The reparameterizations keep the model's function: a permutation of the residual stream's channels (with the MLP's
 channels and the attention heads' value dimensions); a sign and scale moved between every norm and the layers
@@ -197,3 +197,16 @@ def reset(model: torch.nn.Module, base: torch.nn.Module, carrier: Carrier) -> No
         w[name].copy_(b[name])
     for name, _, _ in carrier.weights:
         w[name].copy_(b[name])
+
+
+@torch.no_grad()
+def refactor(model: torch.nn.Module, rng: np.random.Generator) -> None:
+    """Every LoRA layer's B·A rewritten as (B·R)(R⁻¹·A) with a random invertible R: the same ΔW, other factors."""
+    layers = [m for m in model.modules() if "default" in getattr(m, "lora_A", {})]
+    if not layers:
+        raise WatermarkError("no LoRA layer to refactor: the model is merged or has another adapter")
+    for module in layers:
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        r = torch.from_numpy(rng.standard_normal((a.shape[0], a.shape[0])))
+        b.copy_((b.double() @ r).to(b.dtype))
+        a.copy_((torch.linalg.inv(r) @ a.double()).to(a.dtype))

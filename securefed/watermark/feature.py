@@ -102,9 +102,11 @@ def check_capacity(bits: Sequence[int], carrier: Carrier) -> None:
                              f"{carrier.size} scales: use fewer bits per key, or more blocks")
 
 
-def matched_bits(key: WatermarkKey, values: np.ndarray, base: np.ndarray) -> int:
-    """How many of the key's bits the scales carry: sign((γ − γ₀)ᵀW) = b; a zero projection carries none."""
-    projected = (values.astype(np.float64) - base) @ key.projection().astype(np.float64)
+def matched_bits(key: WatermarkKey, values: np.ndarray, base: np.ndarray, projection: np.ndarray | None = None) -> int:
+    """How many of the key's bits the scales carry: sign((γ − γ₀)ᵀW) = b; a zero projection carries none.
+    `projection`: the key's W, if already made."""
+    w = key.projection() if projection is None else projection
+    projected = (values.astype(np.float64) - base) @ w.astype(np.float64)
     return int(np.sum(np.sign(projected) == key.message()))
 
 

@@ -52,14 +52,14 @@ class Hinge(LossTerm):
 
 
 def mark(terms: Sequence[Hinge], parameters: Sequence[torch.nn.Parameter], *, steps: int, lr: float,
-         steps_per_round: int = 25) -> None:
+         steps_per_round: int = 25, share: float | None = None) -> None:
     """Write the terms' bits with the hinges alone, no data, by Adam on `parameters`: what the benchmarks and tests
-    of reading (alignment, attacks) start from."""
+    of reading (alignment, attacks) start from. `share`: the client's share of the examples, if known."""
     optimizer = torch.optim.Adam(parameters, lr=lr)
     for step in range(steps):
         if step % steps_per_round == 0:
             for term in terms:
-                term.begin_round()
+                term.begin_round(share)
         loss = sum(term() for term in terms)
         optimizer.zero_grad()
         loss.backward()

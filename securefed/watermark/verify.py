@@ -83,7 +83,8 @@ def verify(model: torch.nn.Module, tokenizer, key: WatermarkKey, reference: Refe
     reading stays exact where a model's own fine-tuning blurs what alignment fits. `prepared`: the model's readings,
     if already made for this carrier."""
     read = prepared if prepared is not None else readings(model, key.carrier, reference)
-    counts = [_bits(key, reference, r) for r in read]
+    projection = key.projection(), key.delta_projection() if key.carrier.weights else None  # once for all readings
+    counts = [_bits(key, reference, r, projection) for r in read]
     best = min(range(len(read)), key=lambda i: min(p for p in counts[i][1::2] if p is not None))
     matched, bits_p, adapter, adapter_p = counts[best]
     tests = [len(read) * p for p in counts[best][1::2] if p is not None]
@@ -117,10 +118,13 @@ def verify(model: torch.nn.Module, tokenizer, key: WatermarkKey, reference: Refe
                    triggers_p, p, threshold, aligned)
 
 
-def _bits(key: WatermarkKey, reference: Reference, reading: Reading) -> tuple[int, float, int | None, float | None]:
-    """Matched scale bits and their p; matched adapter bits and their p (None without adapted weights)."""
-    matched = matched_bits(key, reading.scales, reference.scales)
-    adapter = matched_delta_bits(key, reading.deltas) if key.carrier.weights else None
+def _bits(key: WatermarkKey, reference: Reference, reading: Reading,
+          projection: tuple) -> tuple[int, float, int | None, float | None]:
+    """Matched scale bits and their p; matched adapter bits and their p (None without adapted weights).
+    `projection`: the key's scale projection and its adapter projections (None without adapted weights)."""
+    scales, pairs = projection
+    matched = matched_bits(key, reading.scales, reference.scales, scales)
+    adapter = matched_delta_bits(key, reading.deltas, pairs) if pairs is not None else None
     return (matched, float(binom.sf(matched - 1, key.bits, 0.5)), adapter,
             None if adapter is None else float(binom.sf(adapter - 1, key.bits, 0.5)))
 
