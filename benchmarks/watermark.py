@@ -277,8 +277,8 @@ def train_pairs(job, watermark: WatermarkConfig, seeds: int, workers: int, tmp: 
         return {name: f.result() for name, f in futures.items()}
 
 
-def attack(run_dir: Path, job, keys, reference, scorer: Scorer, args) -> dict:
-    """Every attack on the run's model, each from a fresh copy."""
+def attack(run_dir: Path, job, keys, reference, scorer: Scorer, initial_model, args) -> dict:
+    """Every attack on the run's model, each from a fresh copy; `initial_model` is the job's before training."""
     results: dict[str, dict] = {}
 
     def record(name: str, model, **extra) -> None:
@@ -314,10 +314,10 @@ def attack(run_dir: Path, job, keys, reference, scorer: Scorer, args) -> dict:
             getattr(attacks, move)(model, rng)
         record(name, model, max_logit_change=float((scorer.logits(model) - before).abs().max()))
 
-    initial = scorer(initial_model(job, scorer))
+    initial, base = scorer(initial_model), reference_model(keys[0])
     for name, carrier in (("reset_scales", replace(keys[0].carrier, weights=())), ("reset_all", keys[0].carrier)):
         model, _ = load_merged(run_dir / "model")
-        attacks.reset(model, reference_model(keys[0]), carrier)
+        attacks.reset(model, base, carrier)
         score = scorer(model)
         gain = trained - initial
         record(name, model, score=score, initial_score=initial,
@@ -378,10 +378,11 @@ def main() -> None:
         scorer = Scorer(job, tokenizer)
         fpr_marked = fresh_key_rates(model, tokenizer, keys[0], reference, args.fresh_keys)
         other = "baseline" if trained else "initial"
-        other_model = load_merged(tmp / "baseline-0" / "model")[0] if trained else initial_model(job, scorer)
+        initial = initial_model(job, scorer)
+        other_model = load_merged(tmp / "baseline-0" / "model")[0] if trained else initial
         fpr_other = fresh_key_rates(other_model, tokenizer, keys[0], reference, args.fresh_keys)
         owners_on_other = summary(verdicts(other_model, tokenizer, keys, reference))
-        results = attack(run_dir, job, keys, reference, scorer, args)
+        results = attack(run_dir, job, keys, reference, scorer, initial, args)
 
     output = {"job": {"name": job.name, "clients": job.federation.clients, "bits": keys[0].bits,
                       "blocks": keys[0].carrier.blocks, "metric": scorer.task.headline,

@@ -14,7 +14,7 @@ from conftest import tiny_bert, tiny_causal
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from securefed.config import LoraConfig
-from securefed.models.adapters import attach
+from securefed.models.adapters import attach, lora_layers
 from securefed.models.norms import last_block_norms
 from securefed.watermark import attacks
 from securefed.watermark.delta import DeltaWatermark
@@ -113,7 +113,7 @@ def test_refactoring_the_adapter_changes_nothing(marked):
 
 
 def adapted_a(model) -> torch.Tensor:
-    return next(m for m in model.modules() if "default" in getattr(m, "lora_A", {})).lora_A["default"].weight
+    return next(iter(lora_layers(model).values())).lora_A["default"].weight
 
 
 def test_the_base_model_and_fresh_keys_stay_at_chance(marked):
@@ -152,8 +152,7 @@ def test_what_a_small_client_aims_for_survives_averaging(marked):
     model = copy.deepcopy(adapted)
     key = WatermarkKey("small client", bytes([9]) * 32, bytes([99]) * 32, BITS, keys[0].carrier, 0, 4)
     term = DeltaWatermark(key, model, weight=1.0, margin=0.05, clients=4)
-    layers = [m for m in model.modules() if "default" in getattr(m, "lora_A", {})]
-    factors = [p for m in layers for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+    factors = [p for m in lora_layers(model).values() for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
     start = [p.detach().clone() for p in factors]
     mark([term], factors, steps=1000, lr=3e-2, steps_per_round=1000, share=0.01)
     with torch.no_grad():

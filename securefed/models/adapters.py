@@ -79,6 +79,12 @@ def _probe(peft_model) -> None:
         peft_model.train(training)
 
 
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The model's LoRA layers by their weight's name in the base model."""
+    return {base_name(name) + ".weight": module for name, module in model.named_modules()
+            if "default" in getattr(module, "lora_A", {})}
+
+
 def base_name(name: str) -> str:
     """A parameter's name in the base model, from its name inside a peft model (trained copies included)."""
     for prefix in ("base_model.model.", "base_model."):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import WatermarkError
+from ..models.adapters import lora_layers
 from .keys import Carrier
 
 
@@ -202,7 +203,7 @@ def reset(model: torch.nn.Module, base: torch.nn.Module, carrier: Carrier) -> No
 @torch.no_grad()
 def refactor(model: torch.nn.Module, rng: np.random.Generator) -> None:
     """Every LoRA layer's B·A rewritten as (B·R)(R⁻¹·A) with a random invertible R: the same ΔW, other factors."""
-    layers = [m for m in model.modules() if "default" in getattr(m, "lora_A", {})]
+    layers = list(lora_layers(model).values())
     if not layers:
         raise WatermarkError("no LoRA layer to refactor: the model is merged or has another adapter")
     for module in layers:

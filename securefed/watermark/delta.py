@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import WatermarkError
-from ..models.adapters import base_name
+from ..models.adapters import lora_layers
 from .hinge import Hinge
 from .keys import WatermarkKey
 
@@ -55,8 +55,7 @@ class DeltaWatermark(Hinge):
     def __init__(self, key: WatermarkKey, model: torch.nn.Module, *, weight: float, margin: float, clients: int):
         super().__init__(key, weight=weight, margin=margin, clients=clients)
         self.start: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the round's factors (A₀, B₀)
-        layers = {base_name(name) + ".weight": module for name, module in model.named_modules()
-                  if "default" in getattr(module, "lora_A", {})}
+        layers = lora_layers(model)
         self.layers = []
         for (name, rows, columns), (u, v) in zip(key.carrier.weights, key.delta_projection(), strict=True):
             layer = layers.get(name)
@@ -75,11 +74,10 @@ class DeltaWatermark(Hinge):
         return max(1.0, self.factor / self.clients) * super().__call__()
 
     def begin_round(self, share: float | None = None) -> None:
-        self.start = None
-        starts = [(layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
-                  for layer, _, _ in self.layers]
+        # at the round's start the first-order reading equals the exact one, so the start may be taken first
+        self.start = [(layer.lora_A["default"].weight.detach().clone(),
+                       layer.lora_B["default"].weight.detach().clone()) for layer, _, _ in self.layers]
         super().begin_round(share)
-        self.start = starts
 
     def projected(self) -> torch.Tensor:
         """Within a round, to first order in the move from the round's factors A₀, B₀: B·A₀ + B₀·A − B₀·A₀. Averaging
@@ -87,12 +85,8 @@ class DeltaWatermark(Hinge):
         A only times w². Aiming 1/w as far through the exact product, a small client reached its target partly
         through that product, and the average missed the aim (tests/test_watermark_attacks.py)."""
         total = 0
-        for i, (layer, u, v) in enumerate(self.layers):
+        for (layer, u, v), (a0, b0) in zip(self.layers, self.start or [(None, None)] * len(self.layers), strict=True):
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            if self.start is None:
-                change = b @ (a @ v)
-            else:
-                a0, b0 = self.start[i]
-                change = b @ (a0 @ v) + b0 @ ((a - a0) @ v)
+            change = b @ (a @ v) if a0 is None else b @ (a0 @ v) + b0 @ ((a - a0) @ v)
             total = total + layer.scaling["default"] * torch.sum(u * change, dim=0)
         return total

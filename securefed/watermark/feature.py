@@ -18,7 +18,7 @@ import torch
 
 from ..config import LoraConfig
 from ..errors import WatermarkError
-from ..models.adapters import attach, base_name
+from ..models.adapters import attach, base_name, lora_layers
 from ..models.norms import last_block_norms
 from ..models.registry import load_base, resolve
 from .anatomy import anatomy
@@ -51,8 +51,7 @@ def adapted_weights(model: torch.nn.Module) -> list[str]:
     if body is None:
         return []
     readers = {name for group in body.groups for name in group.readers}
-    names = [base_name(name) + ".weight" for name, module in model.named_modules()
-             if "default" in getattr(module, "lora_A", {})]
+    names = list(lora_layers(model))
     return [name for name in names if name in readers]
 
 
