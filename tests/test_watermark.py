@@ -120,7 +120,9 @@ def test_a_key_forged_after_seeing_the_model_fails(trained):
     base = Reference.load(keys[0]).scales
     best = max(matched_bits(WatermarkKey.generate("thief", keys[0].carrier, bits=BITS), values, base)
                for _ in range(300))
-    assert best < BITS - 10  # 300 tries reach about 33 of 48 by chance; owners match 46 or more
+    # 300 tries reach about 33 of 48 by chance, and once 39 (about 1 run in 400); 43 would take about one run
+    # in 500,000. Owners match 46 or more
+    assert best <= BITS - 6
 
 
 def test_an_altered_key_is_refused(trained, tmp_path):
