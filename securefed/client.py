@@ -195,9 +195,16 @@ class Client:
     def _add_loss_terms(self) -> None:
         """Add the gradient of the loss terms, which read no client example; so they cost no privacy, and
         clipping and noise do not dilute them."""
-        with torch.enable_grad(), self.wrapper.unrecorded() if self.wrapper else nullcontext():
-            total = sum(term() for term in self.loss_terms)
-            grads = torch.autograd.grad(total, self.view.parameters, allow_unused=True)
+        frozen = [p for p in self.view.parameters if not p.requires_grad]  # the carrier: the terms' alone
+        try:
+            with torch.enable_grad(), self.wrapper.unrecorded() if self.wrapper else nullcontext():
+                for p in frozen:
+                    p.requires_grad_(True)
+                total = sum(term() for term in self.loss_terms)
+                grads = torch.autograd.grad(total, self.view.parameters, allow_unused=True)
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
         for p, grad in zip(self.view.parameters, grads):
             if grad is not None:
                 p.grad = grad if p.grad is None else p.grad + grad

@@ -249,6 +249,27 @@ def test_named_keys_must_fit_the_job(tmp_path, wide_model, tiny_model, sst2_samp
         load_task(load_job(job))
 
 
+def test_only_the_hinge_moves_the_scales_under_dp(tmp_path, wide_model, sst2_sample):
+    """The carrier's scales carry no example: the task's gradient does not reach them and DP-SGD neither clips nor
+    noises them. Two clients with other data and the same key move them alike; a client without a key leaves
+    them be. (When the task trained them too, a client holding 313 of 67,349 examples moved them, its DP noise
+    included, as far as the largest client: they average per client.)"""
+    from securefed.job import client_datasets, make_client
+
+    prepared = prepare(load_job(watermarked_job(tmp_path, wide_model, sst2_sample)), out=tmp_path / "run")
+    task, start = prepared.task, prepared.task.bundle.view.get()
+    key = WatermarkKey("org", bytes([7]) * 32, bytes([9]) * 32, BITS, task.carrier, 0, 4)
+    scales, datasets, moves = task.bundle.carrier_mask, client_datasets(task), []
+    for cid, owner in ((0, key), (1, key), (2, None)):
+        task.bundle.view.set(start)
+        make_client(task, cid, datasets[cid], run=prepared.run_dir, key=owner)._train_locally(1)
+        moves.append(task.bundle.view.get() - start)
+    assert np.abs(moves[0][scales]).max() > 1e-3  # the hinge wrote the bits
+    np.testing.assert_allclose(moves[0][scales], moves[1][scales], atol=1e-6)
+    assert np.abs(moves[0][~scales] - moves[1][~scales]).max() > 1e-3  # the adapter learnt from each one's data
+    assert not moves[2][scales].any()
+
+
 def test_per_client_entries_average_over_clients():
     weighting = Weighting(np.array([False, True]))
     updates, sizes = [np.array([1.0, 1.0]), np.array([3.0, 5.0])], [1, 9]

@@ -25,7 +25,7 @@ class ModelBundle:
     tokenizer: object
     view: FlatView
     base_path: Path
-    carrier: tuple[str, ...] = ()  # normalization layers trained whole, the watermark's carrier (their scales)
+    carrier: tuple[str, ...] = ()  # normalization layers whose scales carry the watermark, written by its hinge alone
 
     @property
     def carrier_mask(self) -> np.ndarray:
@@ -43,8 +43,9 @@ class ModelBundle:
 def build_model(model: ModelConfig, adapter: PeftConfig, label_names: list[str], init_seed: int,
                 carrier_blocks: int = 0, kind: str = CLASSIFICATION) -> ModelBundle:
     """The model every party builds alike, a classifier or (`kind` generation) a causal LM; with `carrier_blocks`,
-    the scales of the normalization layers in that many last blocks train too (their shifts stay frozen: the
-    watermark needs only the scales)."""
+    the scales of the normalization layers in that many last blocks are in the trainable vector too, written by
+    the watermark's hinge alone (client.py): the task does not train them, so they carry no example and no DP
+    noise, and averaging them per client amplifies no one's data. Their shifts stay out."""
     base_path = resolve(model.name)
     # New weights (the head, adapter initialisations) come from init_seed: every party builds the same model.
     with torch.random.fork_rng(devices=[]):
@@ -62,6 +63,10 @@ def build_model(model: ModelConfig, adapter: PeftConfig, label_names: list[str],
             p.requires_grad_(False)
     settings = json.dumps(adapter.model_dump(mode="json"), sort_keys=True)
     view = FlatView(peft_model, model_type=base.config.model_type, adapter=settings)
+    scales = {f"{name}.weight" for name in carrier}
+    for name, p in peft_model.named_parameters():
+        if base_name(name) in scales:
+            p.requires_grad_(False)  # the task's gradient, and so DP-SGD, leave them alone
     return ModelBundle(peft_model, tokenizer, view, base_path, carrier)
 
 
