@@ -30,7 +30,7 @@ class ModelBundle:
     @property
     def carrier_mask(self) -> np.ndarray:
         """Which entries of the trainable vector are carrier scales."""
-        scales = {f"{name}.weight" for name in self.carrier}
+        scales = scale_names(self.carrier)
         return np.concatenate([np.full(int(np.prod(shape)), base_name(name) in scales)
                                for name, shape in self.view.spec.entries])
 
@@ -38,6 +38,11 @@ class ModelBundle:
     def max_positions(self) -> int:
         """The longest input the base model accepts, in tokens (unbounded if it does not say)."""
         return int(getattr(self.model.config, "max_position_embeddings", None) or 2**31)
+
+
+def scale_names(carrier: tuple[str, ...]) -> set[str]:
+    """The carrier's scales, by parameter name."""
+    return {f"{name}.weight" for name in carrier}
 
 
 def build_model(model: ModelConfig, adapter: PeftConfig, label_names: list[str], init_seed: int,
@@ -63,7 +68,7 @@ def build_model(model: ModelConfig, adapter: PeftConfig, label_names: list[str],
             p.requires_grad_(False)
     settings = json.dumps(adapter.model_dump(mode="json"), sort_keys=True)
     view = FlatView(peft_model, model_type=base.config.model_type, adapter=settings)
-    scales = {f"{name}.weight" for name in carrier}
+    scales = scale_names(carrier)
     for name, p in peft_model.named_parameters():
         if base_name(name) in scales:
             p.requires_grad_(False)  # the task's gradient, and so DP-SGD, leave them alone
