@@ -68,8 +68,6 @@ class Client:
         self.training = training
         self.secure_sum = secure_sum
         self.loss_terms = tuple(loss_terms)
-        # the watermark's carrier: in the vector, frozen for the task, moved by the loss terms alone
-        self.carrier = [p for p in view.parameters if not p.requires_grad]
         self.observer = observer or Observer()
         self.evaluate = evaluate
         self.wrapper = wrapper
@@ -197,14 +195,15 @@ class Client:
     def _add_loss_terms(self) -> None:
         """Add the gradient of the loss terms, which read no client example; so they cost no privacy, and
         clipping and noise do not dilute them."""
+        frozen = [p for p in self.view.parameters if not p.requires_grad]  # the carrier: the terms' alone
         try:
             with torch.enable_grad(), self.wrapper.unrecorded() if self.wrapper else nullcontext():
-                for p in self.carrier:
+                for p in frozen:
                     p.requires_grad_(True)
                 total = sum(term() for term in self.loss_terms)
                 grads = torch.autograd.grad(total, self.view.parameters, allow_unused=True)
         finally:
-            for p in self.carrier:
+            for p in frozen:
                 p.requires_grad_(False)
         for p, grad in zip(self.view.parameters, grads):
             if grad is not None:
