@@ -101,26 +101,35 @@ class Client:
         """Train from the global weights; the update n_k·(θ_local − θ_global) (per-client entries unweighted) and
         n_k go into the secure sum."""
         started = time.perf_counter()
-        weights = self.open(ins.model, ins.spec, ins.round)
+        start = self._start(ins)
         # before training: a round that would be refused costs nothing, not even privacy
         self.sent.check(ins.round)
         self.secure_sum.admit(ins.round, float(self.examples))
         metrics: dict[str, float] = {}
-        vector = self.wrapper.replay(ins.round, weights) if self.wrapper else None
+        vector = self.wrapper.replay(ins.round, start) if self.wrapper else None
         if vector is None:
-            self.view.set(weights)
             metrics["loss"] = float(np.mean(self._train_locally(ins.round, self._share(ins.examples))))
-            vector = self.weighting.contribution(self.view.get() - weights, self.examples)
+            vector = self._contribution()
             if not np.isfinite(vector).all():  # nothing is released, so nothing is spent
                 raise UpdateRefused(f"round {ins.round}: the update holds NaN or inf (local training diverged, or "
                                     "the global model was not finite); nothing was sent")
             if self.wrapper:
-                metrics.update(self.wrapper.commit(ins.round, weights, vector))
+                metrics.update(self.wrapper.commit(ins.round, start, vector))
         metrics["seconds"] = time.perf_counter() - started
         told = hashlib.sha256(encode(ins)).digest()  # what this client was told: hardened SecAgg+ signs it
         upload = self.secure_sum.upload(ins.round, vector, ins.bound, told)
         self.sent.claim(ins.round)  # durably, before the update leaves
         return TrainRes(round=ins.round, metrics=metrics, upload=upload)
+
+    def _start(self, ins: TrainIns) -> bytes:
+        """Put the round's starting weights in the model; their digest names them in a privacy release."""
+        self._global = self.open(ins.model, ins.spec, ins.round)
+        self.view.set(self._global)
+        return hashlib.sha256(np.ascontiguousarray(self._global).tobytes()).digest()
+
+    def _contribution(self) -> np.ndarray:
+        """What goes into the secure sum after local training: FedAvg's [c ⊙ Δ_k, n_k]."""
+        return self.weighting.contribution(self.view.get() - self._global, self.examples)
 
     def evaluate_global(self, ins: EvaluateIns) -> EvaluateRes:
         """Score the global model on the dev split, for a server that cannot read it. A client without a dev split
@@ -209,19 +218,21 @@ class Client:
             if grad is not None:
                 p.grad = grad if p.grad is None else p.grad + grad
 
-    def _micro_batches(self, indices: np.ndarray) -> list[np.ndarray]:
-        """The batch as is if it pads small, else cut by length so that little compute goes on padding.
+    def _micro_batches(self, indices: np.ndarray, tokens: int | None = None) -> list[np.ndarray]:
+        """The batch as is if it pads to at most `tokens` (default: a training step's), else cut by length so that
+        little compute goes on padding.
 
         DP-SGD's Poisson batches are large and mix lengths: padded together, SST-2 costs about 4x.
         """
+        tokens = tokens or _STEP_TOKENS
         lengths = self.data.lengths[indices]
-        if len(indices) * lengths.max() <= _STEP_TOKENS:
+        if len(indices) * lengths.max() <= tokens:
             return [indices]
         order = np.argsort(lengths, kind="stable")
         parts, start = [], 0
         for end in range(1, len(order) + 1):
             # sorted ascending: the part's padded width is the length of its last example
-            if end == len(order) or (end - start + 1) * lengths[order[end]] > _STEP_TOKENS:
+            if end == len(order) or (end - start + 1) * lengths[order[end]] > tokens:
                 parts.append(indices[order[start:end]])
                 start = end
         return parts

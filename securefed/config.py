@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .secagg import identity
@@ -156,6 +156,9 @@ class FederationConfig(Section):
     def cohort_size(self) -> int:
         return self.clients_per_round or self.clients
 
+    def learning_rate_at(self, round: int) -> float:
+        return self.learning_rate * self.learning_rate_decay ** (round - 1)
+
 
 HexKey = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -281,11 +284,62 @@ class PrivacyConfig(Section):
     """Differential privacy on every client: (ε, δ) per client over the whole job, examples within the client's
     data."""
 
-    mechanism: Literal["dp-sgd"] = Field("dp-sgd", description="the training wrapper that makes each client's "
-                                         "update private (securefed/privacy/mechanisms.py)")
+    mechanism: Literal["dp-sgd", "dp-zo"] = Field("dp-sgd", description="what makes each client's update "
+                                                  "private (securefed/privacy/mechanisms.py): dp-sgd for FedAvg, "
+                                                  "dp-zo for FedKSeed (the default there)")
     epsilon: float = Field(gt=0, le=1000, description="each client's budget for the whole job")
     delta: float = Field(1e-5, gt=0, lt=0.1)
-    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="per-example clipping bound")
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="per-example clipping bound (dp-zo: on each "
+                                 "example's two-point scalar)")
+
+
+class FedAvgConfig(Section):
+    """FedAvg on the PEFT adapter: the model goes down, each client's update goes up through the secure sum."""
+
+    name: Literal["fedavg"]
+
+    @property
+    def name_shown(self) -> str:
+        return "FedAvg"
+
+
+class FedKSeedConfig(Section):
+    """FedKSeed (Qin et al. 2024): zeroth-order steps along perturbations drawn from K shared seeds; each client
+    uploads one accumulated scalar per seed and everyone replays the sum on a replica of the whole model. Its
+    SecAgg+ clip defaults to 2^24: an entry is n_k times a seed's summed scalars, far larger than FedAvg's."""
+
+    name: Literal["fedkseed"]
+    seeds: int = Field(4096, description="K, the seed pool shared by every party")
+    perturbation: float = Field(1e-3, description="ε of the two-point estimate (L(w+εz) − L(w−εz)) / 2ε")
+    pro: bool = Field(False, description="FedKSeed-Pro: sample seeds by the magnitude of their past aggregated "
+                      "scalars, not uniformly")
+    max_replica_bytes: int = Field(2 * 2**30, ge=1, description="refuse a model whose float32 replica is larger")
+
+    @property
+    def name_shown(self) -> str:
+        return "FedKSeed-Pro" if self.pro else "FedKSeed"
+
+    @field_validator("seeds")
+    @classmethod
+    def _pool(cls, seeds: int) -> int:
+        if not 1 <= seeds <= MAX_SEEDS:
+            raise ValueError(f"{seeds} is outside the seed pool's 1..{MAX_SEEDS:,} (the K-vector travels whole in "
+                             "every round)")
+        return seeds
+
+    @field_validator("perturbation")
+    @classmethod
+    def _small_step(cls, epsilon: float) -> float:
+        if not epsilon > 0:
+            raise ValueError(f"ε must be positive, not {epsilon!r}")
+        if epsilon > 1:
+            raise ValueError(f"ε = {epsilon!r} is no longer a small step (at most 1)")
+        return epsilon
+
+
+MAX_SEEDS = 1 << 20
+FEDKSEED_CLIP = 2.0**24  # SecAgg+'s default bound on an entry for FedKSeed: n_k times a seed's summed scalars
+AlgorithmConfig = Annotated[FedAvgConfig | FedKSeedConfig, Field(discriminator="name")]
 
 
 class WatermarkConfig(Section):
@@ -326,7 +380,8 @@ class JobConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     task: TaskConfig = ClassificationTask(kind="classification")
     model: ModelConfig = ModelConfig()
-    peft: PeftConfig = LoraConfig(method="lora")
+    peft: PeftConfig | None = LoraConfig(method="lora")  # None: full-parameter (FedKSeed)
+    algorithm: AlgorithmConfig = FedAvgConfig(name="fedavg")
     data: DataConfig
     partition: PartitionConfig = IidPartition(method="iid")
     federation: FederationConfig
@@ -335,12 +390,31 @@ class JobConfig(Section):
     watermark: WatermarkConfig | None = None
     output: OutputConfig = OutputConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_defaults(cls, data: Any) -> Any:
+        """FedKSeed tunes every parameter (no [peft]) and is private by DP-ZO."""
+        if not isinstance(data, dict) or not isinstance(data.get("algorithm"), dict) \
+                or data["algorithm"].get("name") != "fedkseed":
+            return data
+        if data.get("peft") is not None:
+            raise ValueError("peft: fedkseed tunes every parameter of the model; leave out the [peft] section")
+        changed = {"peft": None}
+        privacy = data.get("privacy")
+        if isinstance(privacy, dict) and "mechanism" not in privacy:
+            changed["privacy"] = {**privacy, "mechanism": "dp-zo"}
+        secagg = data.get("secagg", {"mode": "secaggplus"})
+        if isinstance(secagg, dict) and secagg.get("mode") == "secaggplus" and "clip" not in secagg:
+            changed["secagg"] = {**secagg, "clip": FEDKSEED_CLIP}
+        return {**data, **changed}
+
     @model_validator(mode="after")
     def _secagg_fits(self) -> JobConfig:
         fed = self.federation
         dataset = self.data.dataset
         kind = "generation" if dataset in GENERATION_DATASETS else "classification"
-        if self.task.kind == "generation" and self.peft.method in ("prompt", "prefix"):
+        self._algorithm_fits()
+        if self.task.kind == "generation" and self.peft is not None and self.peft.method in ("prompt", "prefix"):
             raise ValueError(f"peft.method: {self.peft.method} tuning cannot generate through peft 0.21 (its generate "
                              "refuses the inputs); use lora or ia3 for generation")
         if dataset is not None and kind != self.task.kind:
@@ -355,6 +429,26 @@ class JobConfig(Section):
                              "name one per client")
         self.secagg.check_federation(fed)
         return self
+
+    def _algorithm_fits(self) -> None:
+        zeroth_order = self.algorithm.name == "fedkseed"
+        if self.peft is None and not zeroth_order:
+            raise ValueError("peft: fedavg trains a PEFT adapter; give a [peft] section")
+        if self.privacy is not None and (self.privacy.mechanism == "dp-zo") != zeroth_order:
+            want = "dp-zo" if zeroth_order else "dp-sgd"
+            raise ValueError(f"privacy.mechanism: {self.privacy.mechanism} does not fit the {self.algorithm.name} "
+                             f"algorithm; use {want}")
+        fed = self.federation
+        unused = [name for name, default in (("optimizer", "adamw"), ("momentum", 0.9), ("weight_decay", 0.0),
+                                             ("group_by_length", False)) if getattr(fed, name) != default]
+        if zeroth_order and unused:
+            raise ValueError(f"federation.{unused[0]}: fedkseed takes plain zeroth-order steps (no optimizer, "
+                             "decay or batching by length); leave it out")
+        if zeroth_order and self.watermark is not None:
+            raise ValueError("watermark: fedkseed cannot write a watermark yet (its update is one scalar per seed)")
+        if zeroth_order and self.secagg.mode == "ckks":
+            raise ValueError("secagg: fedkseed runs through secaggplus (or none); a CKKS ciphertext of the K-vector "
+                             "alone is about 130 KB, past FedKSeed's point")
 
     @property
     def secagg_degree(self) -> int:
@@ -398,6 +492,7 @@ _LATER_SETTINGS: list[tuple[tuple[str, ...], Any]] = [
     (("partition", "field"), None),
     (("privacy", "mechanism"), "dp-sgd"),
     (("secagg", "public_keys"), None),
+    (("algorithm",), {"name": "fedavg"}),
 ]
 
 
@@ -474,7 +569,7 @@ def _is_path(name: str) -> bool:
 
 
 _TAGS = {"lora", "ia3", "prompt", "prefix", "iid", "dirichlet", "by_field", "secaggplus", "ckks", "none",
-         "classification", "generation"}
+         "classification", "generation", "fedavg", "fedkseed"}
 
 
 def _describe(exc: ValidationError) -> str:

@@ -164,8 +164,9 @@ class TrainingWrapper(ABC):
         ledger and secrets live in `run`."""
 
     @abstractmethod
-    def replay(self, round: int, weights: np.ndarray) -> np.ndarray | None:
-        """The vector this client already released for `round` from these weights (after a crash), or None."""
+    def replay(self, round: int, start: bytes) -> np.ndarray | None:
+        """The vector this client already released for `round` from the model whose digest is `start` (after a
+        crash), or None."""
 
     @abstractmethod
     def admit(self, round: int) -> None:
@@ -188,7 +189,7 @@ class TrainingWrapper(ABC):
         """A step for an empty batch (DP-SGD still adds its noise)."""
 
     @abstractmethod
-    def commit(self, round: int, weights: np.ndarray, vector: np.ndarray) -> dict[str, float]:
+    def commit(self, round: int, start: bytes, vector: np.ndarray) -> dict[str, float]:
         """Record the round durably before its update leaves the client; metrics to report (ε so far)."""
 
     def unrecorded(self) -> AbstractContextManager:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from .algorithms import Algorithm, algorithm
 from .client import Client, LocalTraining
 from .config import JobConfig
 from .data import EncodedDataset, Splits, partition
@@ -55,6 +56,7 @@ class Task:
     reference: Reference | None = None  # the carriers' values in the base model
     watermark_keys: list[WatermarkKey] = field(default_factory=list)  # the keys the job file names, if any
     weighting: Weighting = BY_EXAMPLES  # the carrier averages over clients, the rest over examples
+    algorithm: Algorithm | None = None  # FedAvg or FedKSeed, holding what its parties in this process share
 
     def evaluate(self, weights: np.ndarray) -> Evaluation:
         self.bundle.view.set(weights)
@@ -91,6 +93,7 @@ def load_task(config: JobConfig, splits: Splits | None = None) -> Task:
         check_capacity(bits, task.carrier)
     if bundle.carrier:
         task.weighting = Weighting(bundle.carrier_mask)
+    task.algorithm = algorithm(config, bundle.view.spec.digest, bundle.view.get())
     task.secagg = secure_sum(config, task.weighting)
     task.secagg.check_model(bundle.view.size)
     if (wrapper := mechanism(config)) is not None and len(task.train):  # a deployed server trains nothing
@@ -187,17 +190,18 @@ def make_client(task: Task, cid: int, data: EncodedDataset, observer: Observer |
                              seed=fed.seed, group_by_length=fed.group_by_length, optimizer=fed.optimizer,
                              momentum=fed.momentum)
     sum_client = sum_client or task.secagg.client(cid, task.identity_keys.get(cid))
-    return Client(cid, task.bundle.model, task.bundle.view, data, task.collator, training, sum_client, loss_terms,
-                  observer=observer, evaluate=task.evaluate if len(task.dev) else None,  # a node holds no dev split
-                  wrapper=training_wrapper(task, cid, len(data), run),
-                  weighting=task.weighting, loss=task.kind.loss,
-                  sent=SentRounds(run.sent_rounds_file(cid) if run is not None else None), keep=keep)
+    return task.algorithm.client(
+        cid, task.bundle.model, task.bundle.view, data, task.collator, training, sum_client, loss_terms,
+        observer=observer, evaluate=task.evaluate if len(task.dev) else None,  # a node holds no dev split
+        wrapper=training_wrapper(task, cid, len(data), run), weighting=task.weighting, loss=task.kind.loss,
+        sent=SentRounds(run.sent_rounds_file(cid) if run is not None else None), keep=keep,
+        example_losses=task.kind.example_losses, run=run)
 
 
 def make_server(task: Task, grid: Grid, run: RunDir, observer: Observer | None = None) -> Server:
     view = task.bundle.view
-    return Server(schedule(task.config), view.spec.digest, view.size, task.secagg.server(), grid, run,
-                  task.evaluate, observer, task.weighting, metrics=task.kind.metrics)
+    return task.algorithm.server(schedule(task.config), view.spec.digest, view.size, task.secagg.server(), grid, run,
+                                 task.evaluate, observer, task.weighting, metrics=task.kind.metrics)
 
 
 def save_model(task: Task, weights: np.ndarray, directory: Path) -> None:

@@ -44,7 +44,7 @@ def write_report(run: RunDir, job: JobConfig, records: Sequence[dict], watermark
     lines = [
         f"# Run report: {job.name}",
         "",
-        f"- Model: `{job.model.name}` with {job.peft.method}",
+        f"- Model: `{job.model.name}`, {_trained(job)}",
         f"- Data: {job.data.dataset or job.data.train}, partition {job.partition.method}"
         + (f" (alpha={job.partition.alpha})" if job.partition.method == "dirichlet" else ""),
         f"- Federation: {fed.clients} clients, {fed.cohort_size} per round, {fed.rounds} rounds of "
@@ -72,6 +72,15 @@ def write_report(run: RunDir, job: JobConfig, records: Sequence[dict], watermark
     run.report_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _trained(job: JobConfig) -> str:
+    if job.peft is not None:
+        return f"{job.peft.method} adapter by FedAvg"
+    algorithm = job.algorithm
+    return (f"every parameter by {algorithm.name_shown} (K = {algorithm.seeds:,} seeds, perturbation "
+            f"{algorithm.perturbation:g}): "
+            "zeroth-order steps, one scalar per seed up and down")
+
+
 def _aggregation(job: JobConfig, records: Sequence[dict]) -> str:
     setup = next((r["setup"] for r in records if "setup" in r), None)
     cost = (f" Setup: {setup['bytes_up'] / 1024:.1f} KB up, {setup['bytes_down'] / 1024:.1f} KB down, "
@@ -92,7 +101,8 @@ def _privacy(job: JobConfig, records: Sequence[dict]) -> str:
     p = job.privacy
     spent = max((r["epsilon"] for r in records if "epsilon" in r), default=None)
     shown = f"{spent:.4f}" if spent is not None else "nothing yet"
-    return (f"- Privacy: DP-SGD on every client, budget ε = {p.epsilon}, δ = {p.delta}, clipping {p.max_grad_norm}; "
+    return (f"- Privacy: {p.mechanism.upper()} on every client, budget ε = {p.epsilon}, δ = {p.delta}, clipping "
+            f"{p.max_grad_norm}; "
             f"the most any client spent (PRV): {shown}. `securefed audit` checks the ledgers in `ledger/`.")
 
 

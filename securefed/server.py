@@ -100,9 +100,9 @@ class Server:
         results = self._train(log, model)
         aborted, previous, encoding = None, model, None
         try:
-            result = self._sum(log, results, self.size + 1)
+            result = self._sum(log, results, self.vector_size + 1)
             with log.aggregation:
-                model = _aggregate(model, result, self.weighting)
+                model = self.apply(model, result)
             log.contributors = len(result.contributors)
             self._examples = float(result.total[-1]) if isinstance(result, SumResult) else 0.0
             encoding = getattr(result, "encoding", None)
@@ -110,7 +110,7 @@ class Server:
             aborted = str(exc)
         with log.evaluation:
             evaluation = self._evaluate(log, model, sorted(results))
-        if evaluation is None and not isinstance(model, PlainModel) and model is not previous:
+        if evaluation is None and self.weights(model) is None and model is not previous:
             # a sealed sum that a client cannot open (a client sent garbage) must not become the model
             aborted, model, log.contributors = "no client could open the sealed sum", previous, 0
         if aborted:
@@ -140,18 +140,50 @@ class Server:
                                         if "ledger_entries" in r.metrics}
         if encoding is not None and not aborted:
             record["encoding"] = _encoding_record(encoding, result.total)
-            self._bound = encoding.following
+            self._bound = self.next_bound(encoding)
         if self._bound:
             record["next_bound"] = self._bound
         if self._examples:
             record["next_examples"] = self._examples
+        record.update(log.notes)
         if aborted:
             record["aborted"] = aborted
+            model = self.unchanged(previous, round)
         return model, record
+
+    # ------------------------------------------------------------ what the algorithm decides (FedAvg here)
+
+    @property
+    def vector_size(self) -> int:
+        """Entries of a client's update vector, n_k apart."""
+        return self.size
+
+    def broadcast(self, model: Message, log: _RoundLog) -> Message:
+        """What TrainIns carries from the global state: FedAvg sends the model itself."""
+        return model
+
+    def apply(self, model: Message, result: SumResult | SealedSum) -> Message:
+        """The next global state from the round's sum."""
+        return _aggregate(model, result, self.weighting)
+
+    def unchanged(self, model: Message, round: int) -> Message:
+        """The global state after round `round` aborted."""
+        return model
+
+    def next_bound(self, encoding: Encoding) -> float:
+        """The encoding bound of the next round's update entries: the one the sum suggests (0: the widest)."""
+        return encoding.following
+
+    def weights(self, model: Message) -> np.ndarray | None:
+        """The global weights, if this server can read them."""
+        return model.weights if isinstance(model, PlainModel) else None
+
+    # ------------------------------------------------------------ the round's exchanges
 
     def _train(self, log: _RoundLog, model: Message) -> dict[int, TrainRes]:
         """Broadcast the global model; keep the well-formed replies, count the rest as dropouts."""
-        ins = TrainIns(round=log.round, spec=self.spec, model=model, bound=self._bound, examples=self._examples)
+        ins = TrainIns(round=log.round, spec=self.spec, model=self.broadcast(model, log), bound=self._bound,
+                       examples=self._examples)
         log.told = hashlib.sha256(encode(ins)).digest()  # the same for every client: hardened SecAgg+ checks it
         exchange = log.add(self.grid.exchange(dict.fromkeys(log.cohort, ins)))
         log.train_seconds = exchange.client_seconds
@@ -167,8 +199,9 @@ class Server:
 
     def _evaluate(self, log: _RoundLog, model: Message, trained: list[int]) -> Evaluation | None:
         """Score the model here if it is in clear, else ask a client that trained this round to."""
-        if isinstance(model, PlainModel):
-            return self.evaluate(model.weights) if self.evaluate else None
+        weights = self.weights(model)
+        if weights is not None:
+            return self.evaluate(weights) if self.evaluate else None
         for cid in trained[:1]:
             exchange = log.add(self.grid.exchange({cid: EvaluateIns(round=log.round, spec=self.spec, model=model)}),
                                dropouts=False)
@@ -271,6 +304,7 @@ class _RoundLog:
     train_seconds: float = 0.0
     aggregation: _Stopwatch = field(default_factory=_Stopwatch)
     evaluation: _Stopwatch = field(default_factory=_Stopwatch)
+    notes: dict = field(default_factory=dict)  # what the algorithm adds to the round's record
 
     def add(self, exchange: Exchange, dropouts: bool = True) -> Exchange:
         if dropouts:

@@ -114,8 +114,11 @@ def write_job(folder: Path, model: Path, train: Path, dev: Path, **sections: dic
                        "seed": 7},
     }
     for name, values in sections.items():
-        # data and federation are merged key by key; other sections are replaced whole
-        doc[name] = {**doc[name], **values} if name in ("data", "federation") else values
+        # data and federation are merged key by key; other sections are replaced whole, or dropped with None
+        if values is None:
+            doc.pop(name, None)
+        else:
+            doc[name] = {**doc[name], **values} if name in ("data", "federation") else values
     path = folder / "job.toml"
     path.write_text(dump_toml(doc), encoding="utf-8")
     return path

@@ -39,11 +39,20 @@ def _securefed(*args, cwd):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+ALGORITHMS = {  # DP-SGD on a LoRA adapter, and DP-ZO on every parameter (FedKSeed)
+    "fedavg": {},
+    "fedkseed": {"peft": None, "algorithm": {"name": "fedkseed", "seeds": 64},
+                 "federation": {"rounds": ROUNDS, "clients": CLIENTS, "local_steps": 25, "learning_rate": 1e-3}},
+}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 @pytest.mark.parametrize("point", sorted(POINTS))
-def test_sigkill_then_resume_keeps_every_ledger_to_one_entry_per_round(tmp_path, tiny_model, sst2_sample, point):
-    job = write_job(tmp_path, tiny_model, *sst2_sample, privacy=PRIVACY,
-                    federation={"rounds": ROUNDS, "clients": CLIENTS, "local_steps": 25})
+def test_sigkill_then_resume_keeps_every_ledger_to_one_entry_per_round(tmp_path, tiny_model, sst2_sample, point,
+                                                                       algorithm):
+    sections = {"federation": {"rounds": ROUNDS, "clients": CLIENTS, "local_steps": 25}, **ALGORITHMS[algorithm]}
+    job = write_job(tmp_path, tiny_model, *sst2_sample, privacy=PRIVACY, **sections)
     run = tmp_path / "run"
     proc = _securefed("run", str(job), "--out", str(run), cwd=tmp_path)
     try:

@@ -45,7 +45,7 @@ def scale_names(carrier: tuple[str, ...]) -> set[str]:
     return {f"{name}.weight" for name in carrier}
 
 
-def build_model(model: ModelConfig, adapter: PeftConfig, label_names: list[str], init_seed: int,
+def build_model(model: ModelConfig, adapter: PeftConfig | None, label_names: list[str], init_seed: int,
                 carrier_blocks: int = 0, kind: str = CLASSIFICATION) -> ModelBundle:
     """The model every party builds alike, a classifier or (`kind` generation) a causal LM; with `carrier_blocks`,
     the scales of the normalization layers in that many last blocks are in the trainable vector too, written by
@@ -61,12 +61,12 @@ def build_model(model: ModelConfig, adapter: PeftConfig, label_names: list[str],
                 if isinstance(layer, torch.nn.Dropout):
                     layer.p = model.dropout
         carrier = tuple(last_block_norms(base, carrier_blocks)) if carrier_blocks else ()
-        peft_model = attach(base, adapter, carrier, kind)
+        peft_model = base if adapter is None else attach(base, adapter, carrier, kind)  # None: every parameter
     shifts = {f"{name}.bias" for name in carrier}
     for name, p in peft_model.named_parameters():
         if p.requires_grad and base_name(name) in shifts:
             p.requires_grad_(False)
-    settings = json.dumps(adapter.model_dump(mode="json"), sort_keys=True)
+    settings = json.dumps(adapter.model_dump(mode="json") if adapter else "full", sort_keys=True)
     view = FlatView(peft_model, model_type=base.config.model_type, adapter=settings)
     scales = scale_names(carrier)
     for name, p in peft_model.named_parameters():

@@ -55,6 +55,10 @@ class FlatView:
     def size(self) -> int:
         return self.spec.size
 
+    def numpy(self) -> np.ndarray:
+        """The trainable state itself, as an array that shares the model's memory."""
+        return self._array
+
     def get(self) -> np.ndarray:
         """A copy of the current trainable state."""
         return self._array.copy()

@@ -1,4 +1,5 @@
-"""The run's model folder: a peft adapter that loads with `PeftModel.from_pretrained` on its base.
+"""The run's model folder: a peft adapter that loads with `PeftModel.from_pretrained` on its base, or (every
+parameter trained, FedKSeed) a whole model that loads with `from_pretrained`.
 
 Beside peft's own files it holds the tokenizer and a small card naming the base model
 and the labels, so the folder is usable without the job that made it. It can be merged into
@@ -23,6 +24,8 @@ def save_adapter(model, tokenizer, directory: Path, *, model_name: str, base_pat
                  spec: bytes, kind: str = CLASSIFICATION) -> None:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    if not hasattr(model, "peft_config"):  # every parameter trained (FedKSeed): a whole model, pooled as its base
+        _copy_pooling(base_path, directory)
     card = {"model": model_name, "base_model": str(base_path), "task": kind, "labels": labels, "spec": spec.hex()}
     (directory / CARD).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
 
@@ -41,6 +44,9 @@ def load_adapter(directory: Path):
         raise ModelError(f"{card_path}: unreadable model card ({exc})") from None
     if kind not in (CLASSIFICATION, GENERATION):
         raise ModelError(f"{card_path}: unknown task {kind!r}")
+    if not (directory / "adapter_config.json").is_file():  # a whole model (FedKSeed)
+        model, tokenizer = load_base(directory, labels, kind)
+        return model, tokenizer, card
     base, tokenizer = load_base(resolve(name), labels, kind)
     expose_past_key_values(base)
     try:
@@ -71,10 +77,15 @@ def merge_adapter(directory: Path, out: Path) -> None:
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    pooling = resolve(card["model"]) / POOLING_CONFIG
-    if pooling.is_file():
-        (out / POOLING_CONFIG).parent.mkdir(exist_ok=True)
-        shutil.copyfile(pooling, out / POOLING_CONFIG)
+    _copy_pooling(resolve(card["model"]), out)
     card = {**card, "merged_from": str(directory.resolve())}
     card.pop("spec", None)  # a merged model no longer has the adapter's trainable vector
     (out / CARD).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy_pooling(base: Path, out: Path) -> None:
+    """A sentence encoder's pooling config, which a whole saved model needs to pool as its base did."""
+    pooling = base / POOLING_CONFIG
+    if pooling.is_file():
+        (out / POOLING_CONFIG).parent.mkdir(exist_ok=True)
+        shutil.copyfile(pooling, out / POOLING_CONFIG)

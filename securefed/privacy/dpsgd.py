@@ -10,7 +10,6 @@ the server knows).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Callable
@@ -123,12 +122,12 @@ class DPSGD(TrainingWrapper):
     def sigma(self) -> float:
         return self.spend_per_round.sigma if self.spend_per_round else float("inf")
 
-    def replay(self, round: int, weights: np.ndarray) -> np.ndarray | None:
+    def replay(self, round: int, start: bytes) -> np.ndarray | None:
         last = self.ledger.entries[-1].round if self.ledger.entries else 0
         if last < round or not self.releases.exists():
             return None
         with np.load(self.releases) as saved:
-            if int(saved["round"]) == round and bytes(saved["input"]) == _digest(weights):
+            if int(saved["round"]) == round and bytes(saved["input"]) == start:
                 return saved["vector"].astype(np.float32)
         raise BudgetSpent(f"round {round} was already spent on another model; it is not spent twice")
 
@@ -169,11 +168,11 @@ class DPSGD(TrainingWrapper):
         finally:
             self.module.enable_hooks()
 
-    def commit(self, round: int, weights: np.ndarray, vector: np.ndarray) -> dict[str, float]:
+    def commit(self, round: int, start: bytes, vector: np.ndarray) -> dict[str, float]:
         tmp = self.releases.with_suffix(".tmp.npz")
         self.releases.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
-            np.savez(fh, round=round, input=np.frombuffer(_digest(weights), dtype=np.uint8), vector=vector)
+            np.savez(fh, round=round, input=np.frombuffer(start, dtype=np.uint8), vector=vector)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.releases)
@@ -181,6 +180,3 @@ class DPSGD(TrainingWrapper):
         # the server records how long each ledger has grown: a ledger cut short later no longer matches
         return {"epsilon": entry.epsilon, "ledger_entries": float(len(self.ledger.entries))}
 
-
-def _digest(weights: np.ndarray) -> bytes:
-    return hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float32).tobytes()).digest()

@@ -6,9 +6,11 @@ from __future__ import annotations
 from ..config import JobConfig
 from ..interfaces import TrainingWrapper
 from .dpsgd import DPSGD
+from .dpzo import DPZO
 
 MECHANISMS: dict[str, type[TrainingWrapper]] = {
     "dp-sgd": DPSGD,
+    "dp-zo": DPZO,
 }
 
 

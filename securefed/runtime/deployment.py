@@ -99,6 +99,9 @@ def check_deployable(job: JobConfig) -> None:
     """The job settings that cannot run on Flower yet, refused before anything starts."""
     if why := sum_kind(job).refuses_flower(job):
         raise ConfigError(f"secagg: {why}")
+    if job.algorithm.name != "fedavg":  # a node would need its replica kept on its disk between messages
+        raise ConfigError(f"algorithm: {job.algorithm.name} runs in process only (securefed run) in this version; "
+                          "on Flower, use fedavg")
     if job.watermark is not None and job.watermark.keys:
         raise ConfigError("watermark.keys: on Flower each organisation brings its own key (flower join --key); "
                           "leave the keys out of the job")

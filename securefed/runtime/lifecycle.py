@@ -36,7 +36,7 @@ def conduct(task: jobs.Task, run: RunDir, grid: Grid, observer: Observer, *, res
     final model (a sealed one: only a client can), or has the clients keep it and returns None; by default it must
     be in clear."""
     server = jobs.make_server(task, grid, run, observer)
-    model, start = PlainModel(weights=task.bundle.view.get()), 1
+    model, start = task.algorithm.initial(task.bundle.view.get()), 1
     if resuming:
         last = run.last_checkpoint(task.bundle.view.size, task.bundle.view.spec.digest)
         if last is not None:
@@ -50,7 +50,9 @@ def conduct(task: jobs.Task, run: RunDir, grid: Grid, observer: Observer, *, res
         with (run.path / ERRORS).open("a", encoding="utf-8") as log:
             log.write(bug.details + "\n")
         raise JobFailed(f"{bug} (a bug, not a dropout; the traceback is in {run.path / ERRORS})") from None
-    weights = (open_model or _in_clear)(model)
+    weights = server.weights(model)
+    if weights is None:
+        weights = (open_model or _in_clear)(model)
     if weights is not None:
         jobs.save_model(task, weights, run.model_dir)
     records = run.records()

@@ -16,5 +16,5 @@ class PlainSum(SecureSum):
 
     @classmethod
     def describe(cls, config, setup: str) -> str:
-        return ('plaintext FedAvg (`secagg.mode = "none"`, `insecure = true`). **Insecure: the server saw every '
-                "client's update.**")
+        return (f'plaintext {config.algorithm.name_shown} (`secagg.mode = "none"`, `insecure = true`). **Insecure: '
+                "the server saw every client's update.**")

@@ -24,6 +24,6 @@ class SecAggPlus(SecureSum):
     @classmethod
     def describe(cls, config, setup: str) -> str:
         mode = "hardened SecAgg+ (signed keys and survivor lists)" if config.secagg.hardened else "SecAgg+"
-        return (f"FedAvg over {mode} ({config.secagg_degree} neighbours per client, threshold "
+        return (f"{config.algorithm.name_shown} over {mode} ({config.secagg_degree} neighbours per client, threshold "
                 f"{config.secagg_threshold}): the server saw only the sum of the updates, never one "
                 f"update.{setup}")

@@ -65,5 +65,9 @@ class TaskKind(ABC):
         """The mean over the batch's examples of each one's loss."""
 
     @abstractmethod
+    def example_losses(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each example's own loss, a vector over the batch (DP-ZO clips each example's difference of two)."""
+
+    @abstractmethod
     def evaluate(self, model: torch.nn.Module, tokenizer, split, encoded: EncodedDataset) -> Evaluation:
         """The model's `metrics` on a split."""

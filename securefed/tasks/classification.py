@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..data import PadCollator, Splits, encode, load_splits
 from ..data.datasets import check_partition, label_names, party_splits
 from ..models import Evaluation, evaluate
@@ -37,6 +39,10 @@ class Classification(TaskKind):
 
     def loss(self, module, batch):
         return module(**batch).loss  # the model's mean cross-entropy over the batch
+
+    def example_losses(self, module, batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return torch.nn.functional.cross_entropy(module(**inputs).logits, batch["labels"], reduction="none")
 
     def evaluate(self, model, tokenizer, split, encoded) -> Evaluation:
         return evaluate(model, encoded, self.collator(tokenizer), self.config.data.eval_batch_size)

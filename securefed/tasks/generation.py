@@ -51,10 +51,13 @@ class Generation(TaskKind):
         return CausalCollator(tokenizer.pad_token_id)
 
     def loss(self, module, batch):
+        return self.example_losses(module, batch).mean()
+
+    def example_losses(self, module, batch):
         labels = batch["labels"]
         logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # prompt tuning puts its virtual tokens first: the last positions are the input's
-        return response_losses(logits[:, -labels.shape[1]:], labels).mean()
+        return response_losses(logits[:, -labels.shape[1]:], labels)
 
     def evaluate(self, model, tokenizer, split: Instructions, encoded: EncodedDataset) -> Evaluation:
         loss = self._mean_loss(model, encoded, self.collator(tokenizer))

@@ -1,0 +1,258 @@
+"""FedKSeed (Qin et al., ICML 2024): full-parameter zeroth-order tuning where a round costs a K-vector each way.
+
+A client takes zeroth-order steps along perturbations drawn from K shared seeds, adds up one scalar per seed, and
+puts [n_k · scalars, n_k] into the secure sum. The server keeps the history of the example-weighted mean scalars;
+it sends the last round's down, and every party replays it on its own replica (replica.py). A client behind gets
+the rounds it lacks first (a catch-up, counted apart from the round's bytes). With [privacy], each step's scalar
+is DP-ZO's (privacy/dpzo.py).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+import numpy as np
+import torch
+
+from ..client import Client
+from ..config import FedKSeedConfig, JobConfig
+from ..errors import ConfigError, ProtocolError, RoundAborted
+from ..interfaces import Encoding, SealedSum, SumResult
+from ..models.gguf import cache_root
+from ..protocol import Array, MaxLen, Message, TrainIns, TrainRes, message
+from ..rundir import RunDir
+from ..seeding import stream
+from ..server import Server, _RoundLog
+from .base import Algorithm
+from .replica import Replica, WeightStore
+from .seeds import SeedPool, genesis
+
+Head = Annotated[bytes, MaxLen(32)]
+_PASS_TOKENS = 512  # a forward pass without gradients, cut by length: padding is most of a mixed batch's cost
+
+
+@message(96)
+class SeedUpdate(Message):
+    """What TrainIns carries: round `round`'s mean scalars (none for round 0), to replay after chain head
+    `parent`."""
+
+    round: int
+    parent: Head
+    scalars: Annotated[np.ndarray, Array(("float32",))]
+
+
+@message(97)
+class SeedHistory(Message):
+    """Rounds first.. of mean scalars, a row each, after chain head `parent`: the server's state (its checkpoint)
+    and a catch-up for a client behind."""
+
+    first: int
+    parent: Head
+    scalars: Annotated[np.ndarray, Array(("float32",), ndim=2)]
+
+
+@message(98)
+class ReplicaHead(Message):
+    """A client's replica after a catch-up."""
+
+    round: int
+    head: Head
+
+
+class SeedClient(Client):
+    """A client that keeps a replica and trains it by zeroth-order steps."""
+
+    def __init__(self, *args, pool: SeedPool, replica: Replica, settings: FedKSeedConfig, example_losses,
+                 secret: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pool = pool
+        self.replica = replica
+        self.settings = settings
+        self.example_losses = example_losses  # the task's: a loss per example of a batch
+        self.secret = secret  # draws the seeds of the steps: the server must not know which client used which
+        self._scalars = np.zeros(settings.seeds)
+
+    def handle(self, msg: Message) -> Message:
+        if isinstance(msg, SeedHistory):
+            self.replica.take(msg.first, msg.parent, msg.scalars)
+            return ReplicaHead(round=self.replica.round, head=self.replica.head)
+        return super().handle(msg)
+
+    def _start(self, ins: TrainIns) -> bytes:
+        """Take the round's update into the replica and its weights into the model; the chain head names them."""
+        if ins.round < 1:
+            raise ProtocolError(f"the server names round {ins.round}")
+        if ins.spec != self.view.spec.digest:
+            raise ProtocolError("the server's model is for a different spec (model or settings differ)")
+        update = ins.model
+        if not isinstance(update, SeedUpdate):
+            raise ProtocolError(f"a FedKSeed client takes a SeedUpdate, not a {type(update).__name__}")
+        if update.round != ins.round - 1:
+            raise ProtocolError(f"the server sends round {update.round}'s scalars with round {ins.round}")
+        if update.round == 0:
+            if update.scalars.size or update.parent != self.replica.heads[0]:
+                raise ProtocolError("the server's round 1 does not start from the job's initial model")
+        else:
+            self.replica.take(update.round, update.parent, update.scalars.reshape(1, -1))
+        if self.replica.round != ins.round - 1:
+            raise ProtocolError(f"this replica holds round {self.replica.round}, past the server's {ins.round - 1}")
+        self.replica.load(self.view.numpy())
+        return self.replica.head
+
+    def open(self, model: Message, spec: bytes, round: int) -> np.ndarray:
+        raise ProtocolError("a FedKSeed client opens no model: it replays the rounds' scalars on its replica")
+
+    def _train_locally(self, round: int, share: float | None = None) -> list[float]:
+        """Two-point zeroth-order steps from the replica's weights, each along a seed's perturbation; one scalar
+        per step, added up per seed."""
+        cfg, settings = self.training, self.settings
+        rate, epsilon = cfg.learning_rate_at(round), settings.perturbation
+        weights = self.view.buffer
+        chances = self.pool.probabilities(self.replica.history()) if settings.pro else None
+        chooser = stream(self.secret, "fedkseed-steps", round, self.cid)
+        noise = None
+        if self.wrapper:
+            self.wrapper.admit(round)
+            batches = self.wrapper.batches(round, self.examples, cfg.steps)
+            noise = self.wrapper.noise(round)
+        else:
+            batches = list(self._batches(round))
+        self._scalars = np.zeros(settings.seeds)
+        losses = []
+        self.model.eval()  # the two passes must compute one function: no dropout
+        with torch.no_grad():
+            for step, indices in enumerate(batches, start=1):
+                seed = int(chooser.choice(settings.seeds, p=chances))
+                if len(indices) == 0:  # a Poisson batch may be empty: DP-ZO still releases its noise
+                    scalar = self.wrapper.noisy_mean(torch.zeros(0), noise)
+                    self.pool.axpy(weights, seed, -rate * scalar)
+                else:
+                    self.pool.axpy(weights, seed, epsilon)
+                    plus = self._losses(indices)
+                    self.pool.axpy(weights, seed, -2 * epsilon)
+                    minus = self._losses(indices)
+                    differences = (plus - minus) / (2 * epsilon)
+                    scalar = (self.wrapper.noisy_mean(differences, noise) if self.wrapper
+                              else float(differences.mean()))
+                    self.pool.axpy(weights, seed, epsilon - rate * scalar)  # back to w, then the step
+                    losses.append(float((plus + minus).mean()) / 2)
+                self._scalars[seed] += scalar
+                self.observer.local_progress(self.cid, step, cfg.steps)
+        return losses or [0.0]
+
+    def _losses(self, indices: np.ndarray) -> torch.Tensor:
+        parts = [self.example_losses(self.model, self.collator.batch(self.data, part))
+                 for part in self._micro_batches(indices, _PASS_TOKENS)]
+        return torch.cat(parts).double()
+
+    def _contribution(self) -> np.ndarray:
+        """[n_k · the round's scalar per seed, n_k]: the example-weighted mean of the sums is the global move."""
+        return np.append(self._scalars * self.examples, self.examples).astype(np.float32)
+
+
+class SeedServer(Server):
+    """Keeps the history of mean scalars, sends the last round down, and catches up clients that are behind."""
+
+    def __init__(self, *args, replica: Replica, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replica = replica  # the server's own: for evaluation and the final model
+        self._held: dict[int, int] = {}  # the rounds each client is known to hold (0 after a dropout or resume)
+
+    @property
+    def vector_size(self) -> int:
+        return self.replica.seeds
+
+    def broadcast(self, model: SeedHistory, log: _RoundLog) -> Message:
+        self._take(model)
+        last = log.round - 1
+        self._catch_up(log, last - 1)
+        if last == 0:
+            return SeedUpdate(round=0, parent=self.replica.heads[0], scalars=np.zeros(0, np.float32))
+        return SeedUpdate(round=last, parent=self.replica.heads[last - 1], scalars=self.replica.rows[last - 1])
+
+    def _catch_up(self, log: _RoundLog, upto: int) -> None:
+        """Send each client of the cohort that is behind the rounds up to `upto` it lacks; recorded apart."""
+        behind = {cid: self._held.get(cid, 0) for cid in log.cohort if self._held.get(cid, 0) < upto}
+        if not behind:
+            return
+        requests = {cid: SeedHistory(first=held + 1, parent=self.replica.heads[held],
+                                     scalars=np.stack(self.replica.rows[held:upto]))
+                    for cid, held in behind.items()}
+        exchange = self.grid.exchange(requests)
+        for cid, reply in exchange.replies.items():
+            if isinstance(reply, ReplicaHead) and reply.round == upto and reply.head == self.replica.heads[upto]:
+                self._held[cid] = upto
+        log.notes["catch_up"] = {"clients": len(behind), "caught_up": sum(self._held.get(c, 0) == upto
+                                                                          for c in behind),
+                                 "bytes_down": exchange.bytes_down, "bytes_up": exchange.bytes_up}
+
+    def _train(self, log: _RoundLog, model: Message) -> dict[int, TrainRes]:
+        results = super()._train(log, model)
+        for cid in log.cohort:  # one that dropped out may have lost its replica: the next catch-up starts anew
+            self._held[cid] = log.round - 1 if cid in results else 0
+        return results
+
+    def apply(self, model: SeedHistory, result: SumResult | SealedSum) -> SeedHistory:
+        if not isinstance(result, SumResult):
+            raise RoundAborted("FedKSeed adds its scalars in a sum the server reads")
+        examples = float(result.total[-1])
+        if not examples > 0:
+            raise RoundAborted("the contributors reported no training examples")
+        mean = (result.total[:-1] / examples).astype(np.float32)
+        if not np.isfinite(mean).all():
+            raise RoundAborted("the sum of scalars is not finite")
+        return _appended(model, mean)
+
+    def unchanged(self, model: SeedHistory, round: int) -> SeedHistory:
+        return model if model.first + len(model.scalars) > round else _appended(model, np.zeros(self.vector_size,
+                                                                                                  np.float32))
+
+    def next_bound(self, encoding: Encoding) -> float:
+        """Always the clip: scalar sums are sparse and heavy-tailed, so one round's largest says little of the next."""
+        return 0.0
+
+    def weights(self, model: Message) -> np.ndarray | None:
+        if not isinstance(model, SeedHistory):
+            return None
+        self._take(model)
+        weights = np.empty(self.size, np.float32)
+        self.replica.load(weights)
+        return weights
+
+    def _take(self, model: SeedHistory) -> None:
+        self.replica.take(model.first, model.parent, model.scalars)
+
+
+def _appended(model: SeedHistory, row: np.ndarray) -> SeedHistory:
+    return SeedHistory(first=model.first, parent=model.parent, scalars=np.vstack([model.scalars, row[None]]))
+
+
+class FedKSeed(Algorithm):
+    def __init__(self, config: JobConfig, spec: bytes, initial: np.ndarray):
+        super().__init__(config, spec, initial)
+        self.settings: FedKSeedConfig = config.algorithm
+        budget = self.settings.max_replica_bytes
+        if initial.nbytes > budget:
+            raise ConfigError(f"algorithm.max_replica_bytes: the model's replica takes {initial.nbytes:,} bytes "
+                              f"(float32), past the budget of {budget:,}")
+        fed = config.federation
+        self.pool = SeedPool(fed.seed, self.settings.seeds, initial.size)
+        self.store = WeightStore(self.pool, initial, genesis(spec, self.settings.seeds), fed.learning_rate_at,
+                                 cache_root() / "replicas")
+
+    def replica(self) -> Replica:
+        return Replica(self.store, self.settings.seeds)
+
+    def initial(self, weights: np.ndarray) -> SeedHistory:
+        return SeedHistory(first=1, parent=self.store.origin,
+                           scalars=np.zeros((0, self.settings.seeds), np.float32))
+
+    def client(self, *args, example_losses, run: RunDir | None, **kwargs) -> SeedClient:
+        # the secret stays with the clients (in the run directory, or a node's own); without one, a fresh one
+        secret = run.secret("fedkseed") if run is not None else secrets.randbits(63)
+        return SeedClient(*args, pool=self.pool, replica=self.replica(), settings=self.settings,
+                          example_losses=example_losses, secret=secret, **kwargs)
+
+    def server(self, *args, **kwargs) -> SeedServer:
+        return SeedServer(*args, replica=self.replica(), **kwargs)
