@@ -313,6 +313,8 @@ class FedKSeedConfig(Section):
     perturbation: float = Field(1e-3, description="ε of the two-point estimate (L(w+εz) − L(w−εz)) / 2ε")
     pro: bool = Field(False, description="FedKSeed-Pro: sample seeds by the magnitude of their past aggregated "
                       "scalars, not uniformly")
+    max_scalar: float = Field(100.0, gt=0, le=1e9, description="S: each step's scalar is clipped to ±S, and the "
+                              "server refuses a round's sum that clipped steps could not give")
     max_replica_bytes: int = Field(2 * 2**30, ge=1, description="refuse a model whose float32 replica is larger")
 
     @property

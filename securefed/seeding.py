@@ -31,3 +31,8 @@ def stream_seed(seed: int, *names: int | str) -> int:
     """A 63-bit integer seed for libraries that take one (torch)."""
     state = np.random.SeedSequence(_words(seed, names)).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
+
+
+def stream_words(seed: int, *names: int | str) -> list[int]:
+    """The words that name a stream, to extend with more (a numpy bit generator takes them as its seed)."""
+    return _words(seed, names)

@@ -126,6 +126,7 @@ class SeedClient(Client):
                 seed = int(chooser.choice(settings.seeds, p=chances))
                 if len(indices) == 0:  # a Poisson batch may be empty: DP-ZO still releases its noise
                     scalar = self.wrapper.noisy_mean(torch.zeros(0), noise)
+                    scalar = min(max(scalar, -settings.max_scalar), settings.max_scalar)
                     self.pool.axpy(weights, seed, -rate * scalar)
                 else:
                     self.pool.axpy(weights, seed, epsilon)
@@ -135,6 +136,7 @@ class SeedClient(Client):
                     differences = (plus - minus) / (2 * epsilon)
                     scalar = (self.wrapper.noisy_mean(differences, noise) if self.wrapper
                               else float(differences.mean()))
+                    scalar = min(max(scalar, -settings.max_scalar), settings.max_scalar)
                     self.pool.axpy(weights, seed, epsilon - rate * scalar)  # back to w, then the step
                     losses.append(float((plus + minus).mean()) / 2)
                 self._scalars[seed] += scalar
@@ -154,10 +156,13 @@ class SeedClient(Client):
 class SeedServer(Server):
     """Keeps the history of mean scalars, sends the last round down, and catches up clients that are behind."""
 
-    def __init__(self, *args, replica: Replica, **kwargs):
+    def __init__(self, *args, replica: Replica, steps: int, max_scalar: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.replica = replica  # the server's own: for evaluation and the final model
-        self._held: dict[int, int] = {}  # the rounds each client is known to hold (0 after a dropout or resume)
+        self.steps = steps  # each client's per round
+        self.max_scalar = max_scalar  # S: a step's scalar is within ±S
+        self._held: dict[int, int] = {}  # the rounds each client is known to hold (0 after a failed catch-up, or
+        # on resume)
 
     @property
     def vector_size(self) -> int:
@@ -180,29 +185,44 @@ class SeedServer(Server):
                                      scalars=np.stack(self.replica.rows[held:upto]))
                     for cid, held in behind.items()}
         exchange = self.grid.exchange(requests)
-        for cid, reply in exchange.replies.items():
+        for cid in behind:
+            reply = exchange.replies.get(cid)
             if isinstance(reply, ReplicaHead) and reply.round == upto and reply.head == self.replica.heads[upto]:
                 self._held[cid] = upto
+            else:  # it lost its replica, or refused ours: the next catch-up starts from round 1
+                self._held[cid] = 0
         log.notes["catch_up"] = {"clients": len(behind), "caught_up": sum(self._held.get(c, 0) == upto
                                                                           for c in behind),
                                  "bytes_down": exchange.bytes_down, "bytes_up": exchange.bytes_up}
 
     def _train(self, log: _RoundLog, model: Message) -> dict[int, TrainRes]:
         results = super()._train(log, model)
-        for cid in log.cohort:  # one that dropped out may have lost its replica: the next catch-up starts anew
-            self._held[cid] = log.round - 1 if cid in results else 0
+        for cid in results:  # it took the round's update; one that dropped out keeps what it was known to hold
+            self._held[cid] = log.round - 1
         return results
 
     def apply(self, model: SeedHistory, result: SumResult | SealedSum) -> SeedHistory:
         if not isinstance(result, SumResult):
             raise RoundAborted("FedKSeed adds its scalars in a sum the server reads")
-        examples = float(result.total[-1])
-        if not examples > 0:
-            raise RoundAborted("the contributors reported no training examples")
+        contributors, examples = len(result.contributors), float(result.total[-1])
+        if not examples >= contributors:  # a client that claims fewer than no examples amplifies everyone's
+            raise RoundAborted(f"the contributors' example counts add up to {examples:g}, less than one each")
         mean = (result.total[:-1] / examples).astype(np.float32)
+        self._check_plausible(mean, contributors)
+        return _appended(model, mean)
+
+    def _check_plausible(self, mean: np.ndarray, contributors: int) -> None:
+        """What honest clients' clipped steps can sum to, the most the server can check of a sum: a seed's mean
+        within steps·S, and no more seeds touched than the contributors took steps."""
         if not np.isfinite(mean).all():
             raise RoundAborted("the sum of scalars is not finite")
-        return _appended(model, mean)
+        touched, largest = np.count_nonzero(mean), float(np.abs(mean).max(initial=0.0))
+        if touched > contributors * self.steps:
+            raise RoundAborted(f"the sum touches {touched} seeds, more than {contributors} clients' "
+                               f"{self.steps} steps each can")
+        if largest > self.steps * self.max_scalar * (1 + 1e-3):  # slack for the fixed point's rounding
+            raise RoundAborted(f"a seed's mean scalar is {largest:g}, past {self.steps} steps within "
+                               f"±{self.max_scalar:g}")
 
     def unchanged(self, model: SeedHistory, round: int) -> SeedHistory:
         return model if model.first + len(model.scalars) > round else _appended(model, np.zeros(self.vector_size,
@@ -255,4 +275,5 @@ class FedKSeed(Algorithm):
                           example_losses=example_losses, secret=secret, **kwargs)
 
     def server(self, *args, **kwargs) -> SeedServer:
-        return SeedServer(*args, replica=self.replica(), **kwargs)
+        return SeedServer(*args, replica=self.replica(), steps=self.config.federation.local_steps,
+                          max_scalar=self.settings.max_scalar, **kwargs)

@@ -9,6 +9,7 @@ file, and a resumed party rebuilds its weights bit-exactly from the initial mode
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from ..errors import ProtocolError
 from .seeds import SeedPool, extend
 
 _KEPT = 2  # weight files kept besides the initial model's: the current round's and the one before
+_LOCK = "lock"
 
 
 class WeightStore:
@@ -35,8 +37,10 @@ class WeightStore:
         self.origin = origin
         parent.mkdir(parents=True, exist_ok=True)
         _remove_orphans(parent)
-        self.folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent))
-        weakref.finalize(self, shutil.rmtree, self.folder, True)
+        self.folder = Path(tempfile.mkdtemp(prefix="replicas-", dir=parent))
+        lock = os.open(self.folder / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while this store lives: a folder whose lock is free is an orphan
+        weakref.finalize(self, _remove, self.folder, lock)
         self._recent: list[bytes] = []
         self._write(origin, np.ascontiguousarray(initial, dtype=np.float32))
 
@@ -70,11 +74,23 @@ class WeightStore:
 
 
 def _remove_orphans(parent: Path) -> None:
-    """Weight folders whose process is gone (killed before it could remove them)."""
+    """Weight folders whose process is gone (killed before it could remove them): nobody holds their lock."""
     for folder in parent.iterdir():
-        pid = folder.name.split("-")[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            lock = os.open(folder / _LOCK, os.O_RDWR)
+        except OSError:
+            continue  # not a store's folder, or one being made
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)  # alive
+            continue
+        _remove(folder, lock)
+
+
+def _remove(folder: Path, lock: int) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    os.close(lock)
 
 
 class Replica:

@@ -1,10 +1,12 @@
 """FedKSeed's shared randomness: K candidate seeds, the perturbation z each one draws over the whole flat model,
 and the replay of per-seed scalars onto a replica.
 
-z is never stored: it is drawn again, chunk by chunk, whenever it is needed, so a step costs a few passes of the
-generator over the model and a megabyte of memory beside it. Every party draws the same z from the same seed with
-the same torch version, so a replay gives the same float32 weights on every machine (the order of the adds is
-fixed: seeds ascending).
+z is Rademacher (each value ±1 with equal chance), where FedKSeed draws it Gaussian: the two-point estimate is
+unbiased either way (E[z zᵀ] = I), and ±1 comes from random bits by exact arithmetic, so every CPU draws the same z
+(torch's and numpy's Gaussians may differ in the last bit between instruction sets) and a replay gives the same
+float32 weights on every machine; it is also faster to draw. z is never stored: it is drawn again, a megabyte at a
+time, whenever it is needed, so a step costs a few passes of the generator over the model and little memory
+beside it. Adds happen in a fixed order (seeds ascending).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import struct
 import numpy as np
 import torch
 
-from ..seeding import stream_seed
+from ..seeding import stream_words
 
-CHUNK = 1 << 20  # values drawn per generator seeding: the memory z takes beside the model
+CHUNK = 1 << 20  # values drawn per generator: the memory z takes beside the model
 
 
 class SeedPool:
@@ -26,9 +28,8 @@ class SeedPool:
     def __init__(self, job_seed: int, seeds: int, size: int):
         self.seeds = seeds
         self.size = size
-        self._bases = [stream_seed(job_seed, "fedkseed", j) for j in range(seeds)]
-        self._generator = torch.Generator()
-        self._chunk = torch.empty(min(CHUNK, size), dtype=torch.float32)
+        self._words = stream_words(job_seed, "fedkseed")
+        self._chunk = np.empty(min(CHUNK, size), dtype=np.float32)
 
     def axpy(self, weights: torch.Tensor, seed: int, scale: float) -> None:
         """weights += scale · z_seed, in place."""
@@ -36,10 +37,13 @@ class SeedPool:
             return
         for start in range(0, self.size, CHUNK):
             part = weights[start : start + CHUNK]
-            chunk = self._chunk[: part.numel()]
-            self._generator.manual_seed(self._bases[seed] ^ (start // CHUNK))
-            chunk.normal_(generator=self._generator)
-            part.add_(chunk, alpha=scale)
+            n = part.numel()
+            bits = np.random.Generator(np.random.PCG64([*self._words, seed, start // CHUNK])).bytes((n + 7) // 8)
+            chunk = self._chunk[:n]
+            np.multiply(np.unpackbits(np.frombuffer(bits, np.uint8), count=n), np.float32(2 * scale), out=chunk,
+                        casting="unsafe")
+            chunk -= np.float32(scale)  # exactly ±scale (in float32)
+            part.add_(torch.from_numpy(chunk))
 
     def replay(self, weights: torch.Tensor, scalars: np.ndarray, learning_rate: float) -> None:
         """One round of the global model: weights −= η · Σ_j h_j z_j, over the seeds whose h_j is not zero."""
