@@ -6,9 +6,10 @@
 
 `arms` runs each job in this process, round after round, until its wall time passes --minutes (the round in
 flight finishes), then reports the last round's dev metric, the base model's (the job's initial weights), and the
-bytes per client and round from metrics.jsonl, the secure sum's setup and any catch-up apart. The LoRA job runs as
-it is, minus any watermark (FedKSeed writes none), so both arms share data, partition, clients and privacy.
---pro adds a FedKSeed-Pro arm.
+bytes per client and round from metrics.jsonl, the secure sum's setup and any catch-up apart. Each job runs as it
+is, minus any watermark (FedKSeed writes none) and without DP (a private job's noise depends on the rounds it
+plans, which a run cut by time does not know), so the arms share data, partition and clients. --pro adds a
+FedKSeed-Pro arm.
 
 `memory` runs, in child processes, the job's model doing inference on a batch (two forward passes without
 gradients, which is what a zeroth-order step computes) and doing FedKSeed steps; each reports its peak RSS over
@@ -36,7 +37,7 @@ from securefed.config import load_job
 from securefed.interfaces import Observer
 from securefed.runtime.local import execute, prepare
 
-ROUNDS = 10_000  # an arm stops on time, not on its round count
+ROUNDS = 100  # an arm stops on time, not on its round count (SecAgg+'s setup serves every planned round)
 
 
 class _OutOfTime(Exception):
@@ -56,7 +57,7 @@ class _Clock(Observer):
 
 def run_arm(config, minutes: float, folder: Path) -> dict:
     config = config.model_copy(update={"federation": config.federation.model_copy(update={"rounds": ROUNDS}),
-                                       "watermark": None})
+                                       "watermark": None, "privacy": None})
     prepared = prepare(config, out=folder)
     task = prepared.task
     base = task.evaluate(task.bundle.view.get()).metrics
