@@ -91,11 +91,15 @@ class Client:
 
     def open(self, model: Message, spec: bytes, round: int) -> np.ndarray:
         """The global weights in a server's message, checked against this client's model."""
+        self._check(spec, round)
+        return self.secure_sum.open_model(model, self.view.size)
+
+    def _check(self, spec: bytes, round: int) -> None:
+        """A server's message names a real round and this client's model."""
         if round < 1:
             raise ProtocolError(f"the server names round {round}")
         if spec != self.view.spec.digest:
             raise ProtocolError("the server's model is for a different spec (model, PEFT method or settings differ)")
-        return self.secure_sum.open_model(model, self.view.size)
 
     def train(self, ins: TrainIns) -> TrainRes:
         """Train from the global weights; the update n_k·(θ_local − θ_global) (per-client entries unweighted) and

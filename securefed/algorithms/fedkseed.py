@@ -81,10 +81,7 @@ class SeedClient(Client):
 
     def _start(self, ins: TrainIns) -> bytes:
         """Take the round's update into the replica and its weights into the model; the chain head names them."""
-        if ins.round < 1:
-            raise ProtocolError(f"the server names round {ins.round}")
-        if ins.spec != self.view.spec.digest:
-            raise ProtocolError("the server's model is for a different spec (model or settings differ)")
+        self._check(ins.spec, ins.round)
         update = ins.model
         if not isinstance(update, SeedUpdate):
             raise ProtocolError(f"a FedKSeed client takes a SeedUpdate, not a {type(update).__name__}")
@@ -124,21 +121,18 @@ class SeedClient(Client):
         with torch.no_grad():
             for step, indices in enumerate(batches, start=1):
                 seed = int(chooser.choice(settings.seeds, p=chances))
-                if len(indices) == 0:  # a Poisson batch may be empty: DP-ZO still releases its noise
-                    scalar = self.wrapper.noisy_mean(torch.zeros(0), noise)
-                    scalar = min(max(scalar, -settings.max_scalar), settings.max_scalar)
-                    self.pool.axpy(weights, seed, -rate * scalar)
-                else:
+                offset, differences = 0.0, torch.zeros(0)  # a Poisson batch may be empty: DP-ZO still adds noise
+                if len(indices):
                     self.pool.axpy(weights, seed, epsilon)
                     plus = self._losses(indices)
                     self.pool.axpy(weights, seed, -2 * epsilon)
                     minus = self._losses(indices)
-                    differences = (plus - minus) / (2 * epsilon)
-                    scalar = (self.wrapper.noisy_mean(differences, noise) if self.wrapper
-                              else float(differences.mean()))
-                    scalar = min(max(scalar, -settings.max_scalar), settings.max_scalar)
-                    self.pool.axpy(weights, seed, epsilon - rate * scalar)  # back to w, then the step
+                    offset, differences = epsilon, (plus - minus) / (2 * epsilon)  # the weights are at w − εz
                     losses.append(float((plus + minus).mean()) / 2)
+                scalar = (self.wrapper.noisy_mean(differences, noise) if self.wrapper
+                          else float(differences.mean()))
+                scalar = min(max(scalar, -settings.max_scalar), settings.max_scalar)
+                self.pool.axpy(weights, seed, offset - rate * scalar)  # back to w, then the step
                 self._scalars[seed] += scalar
                 self.observer.local_progress(self.cid, step, cfg.steps)
         return losses or [0.0]
