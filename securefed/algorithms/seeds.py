@@ -23,7 +23,7 @@ CHUNK = 1 << 20  # values drawn per generator: the memory z takes beside the mod
 
 
 class SeedPool:
-    """K seeds derived from the job seed; seed j draws z_j ~ N(0, I) over a flat vector of `size` values."""
+    """K seeds derived from the job seed; seed j draws z_j in {−1, +1}^size over a flat vector of `size` values."""
 
     def __init__(self, job_seed: int, seeds: int, size: int):
         self.seeds = seeds
