@@ -36,8 +36,12 @@ JOB ?= examples/quickstart.toml
 run: $(VENV)/.installed  ## a job (default: the quickstart; make run JOB=examples/sst2-lora-private.toml)
 	$(BIN)/securefed run $(JOB)
 
+# Two workers: much of the tier waits on subprocesses and timeouts, so two cores finish it in about half the time.
+# Each worker takes whole modules (loadscope), so a module's shared fixtures are built once.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed-test  ## the default (fast) test tier
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 test-slow: $(VENV)/.installed-test  ## the slow tier: whole jobs on real data, Flower on 127.0.0.1
 	$(BIN)/python -m pytest -m slow

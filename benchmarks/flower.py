@@ -71,7 +71,7 @@ def main() -> None:
         deployment = Loopback(root / "flower")
         started = time.perf_counter()
         try:
-            run_dir = deployment.run_job(job, args.timeout, dp_secret=secret, watermark_keys=keys,
+            run_dir = deployment.run_job(job, args.timeout, secrets={"dp": secret}, watermark_keys=keys,
                                          on_line=lambda line: print(f"flower: {line}", file=sys.stderr, flush=True))
         finally:
             deployment.stop_all()

@@ -91,6 +91,10 @@ class RunDir:
         """Where client `client` records the rounds it sent an update for (sent.py)."""
         return self.private_file(f"sent-rounds-client-{client}")
 
+    def replica_file(self, client: int) -> Path:
+        """Where client `client` keeps the rounds of a FedKSeed replica it took (algorithms/replica.py)."""
+        return self.private_file(f"replica-client-{client}")
+
     def secret_key(self, name: str) -> bytes:
         """A 256-bit key kept like `secret`."""
         key = self._secret(name, 32)
@@ -237,6 +241,17 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _fsync(path.parent)
+
+
+def append_durably(path: Path, data: bytes) -> None:
+    """Add `data` to the end of `path` and flush it to disk (the folder's entry too, when the file is new)."""
+    new = not path.exists()
+    with path.open("ab") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if new:
+        _fsync(path.parent)
 
 
 def _fsync(path: Path) -> None:

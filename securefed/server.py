@@ -265,8 +265,8 @@ def _aggregate(model: Message, result: SumResult | SealedSum, weighting: Weighti
     if not isinstance(model, PlainModel):
         raise RoundAborted("a clear sum cannot update a sealed model")
     total_examples = result.total[-1]
-    if not total_examples > 0:
-        raise RoundAborted("the contributors reported no training examples")
+    if not total_examples >= len(result.contributors):  # a count below zero would amplify everyone's update
+        raise RoundAborted(f"the contributors' example counts add up to {total_examples:g}, less than one each")
     step = weighting.mean(result.total[:-1], total_examples, len(result.contributors))
     return PlainModel(weights=(model.weights + step).astype(np.float32))
 

@@ -55,6 +55,19 @@ def test_one_round_equals_the_weighted_average(tmp_path):
     assert record["bytes_up"] > 4 * (D + 1) * 4 and record["bytes_down"] > 4 * D * 4
 
 
+def test_a_client_that_claims_fewer_than_no_examples_cannot_amplify_the_others(tmp_path):
+    """The sum hides each n_k: a client that sends −(the others' counts) + ε would divide the others' updates by ε.
+    Every honest client holds an example, so a total below one per contributor aborts the round."""
+    rng = np.random.default_rng(3)
+    locals_ = [rng.standard_normal(D).astype(np.float32) for _ in range(3)]
+    clients = {i: ScriptedClient(100, v) for i, v in enumerate(locals_)}
+    clients[2].examples = -199.5  # the sum's count: 0.5, so the others' pull ×400
+    server = make_server(tmp_path, clients)
+    start = np.zeros(D, np.float32)
+    weights, record = round_of(server, 1, start)
+    assert "less than one each" in record["aborted"] and np.array_equal(weights, start)
+
+
 def test_crashed_and_vanished_clients_are_dropouts_and_the_average_skips_them(tmp_path):
     rng = np.random.default_rng(1)
     sizes = [5, 6, 7, 8]

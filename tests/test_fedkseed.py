@@ -422,11 +422,29 @@ def test_a_weight_store_rebuilds_any_round_from_the_initial_model(tmp_path):
     assert not folder.exists()  # the weight files go with the store
 
 
-def test_flower_refuses_a_fedkseed_job_for_now(tmp_path, tiny_model, sst2_sample):
-    from securefed.runtime.deployment import check_deployable
-
-    with pytest.raises(ConfigError, match="algorithm: fedkseed runs in process only"):
-        check_deployable(load_job(fedkseed_job(tmp_path, tiny_model, sst2_sample)))
+def test_a_clients_replica_outlives_its_process_and_a_round_cut_short_on_disk_is_not_taken(party):
+    """A node may answer each message in a fresh process, or restart: its client takes up the replica its disk
+    holds, and rebuilds the same weights from the initial model."""
+    task, client, rows = party
+    origin, file = client.replica.heads[0], client.replica.file
+    assert file is not None and file.parent.name == "secrets"  # the client's own, never the server's
+    client.handle(SeedHistory(first=1, parent=origin, scalars=rows))
+    held = np.empty(task.bundle.view.size, np.float32)
+    client.replica.load(held)
+    with file.open("ab") as fh:  # killed while writing round 3
+        fh.write(b"\x01" * 10)
+    fresh = WeightStore(client.pool, task.bundle.view.get(), origin, task.config.federation.learning_rate_at,
+                        file.parent.parent / "other-process")
+    again = Replica(fresh, SEEDS, file)
+    assert again.round == 2 and again.head == client.replica.head and file.stat().st_size == 2 * SEEDS * 4
+    rebuilt = np.empty_like(held)
+    again.load(rebuilt)
+    assert np.array_equal(rebuilt, held)
+    again.take(3, again.head, rows[:1])
+    assert Replica(fresh, SEEDS, file).round == 3  # appended after the cut
+    file.write_bytes(np.full((1, SEEDS), np.nan, "<f4").tobytes())
+    with pytest.raises(ProtocolError, match="replica is damaged"):
+        Replica(fresh, SEEDS, file)
 
 
 def test_the_seeds_a_client_steps_along_come_from_its_secret_not_the_job_seed(party, tmp_path):

@@ -81,6 +81,13 @@ class Notes(Observer):
         self.lines.append(text)
 
 
+def pin_secrets(run: Path) -> None:
+    """One DP secret, and one secret for FedKSeed's steps, for every party: the in-process run can then match."""
+    (run / "secrets").mkdir(mode=0o700)
+    for name in ("dp", "fedkseed"):
+        (run / "secrets" / name).write_text(SECRET + "\n", encoding="ascii")
+
+
 def deploy(folder, job, identities=None):
     """Each client's partition of `job` in its own file, and a node context per client, each with the DP secret
     (and its own identity key from the `identities` folder)."""
@@ -92,8 +99,7 @@ def deploy(folder, job, identities=None):
     for cid, path in enumerate(parts):
         node = Node(cid, config.fingerprint(), path, folder / f"node-{cid}", None)
         run = node.run_dir(config)
-        (run.path / "secrets").mkdir(mode=0o700)
-        (run.path / "secrets" / "dp").write_text(SECRET + "\n", encoding="ascii")  # the in-process run's too
+        pin_secrets(run.path)  # the in-process run's too
         node_config = {"client": cid, "job": node.job, "data": str(path), "dir": str(node.dir)}
         if identities:
             node_config["identity"] = str(private_file(identities, cid))
@@ -105,8 +111,7 @@ def deploy(folder, job, identities=None):
 def in_process(job, folder, node_keys=()):
     """The same job run in this process, with the nodes' DP secret and watermark keys."""
     prepared = prepare(load_job(job), out=folder)
-    (folder / "secrets").mkdir(mode=0o700)
-    (folder / "secrets" / "dp").write_text(SECRET + "\n", encoding="ascii")
+    pin_secrets(folder)
     for key in node_keys:
         prepared.run_dir.keys_dir.mkdir(exist_ok=True)
         shutil.copy(key, prepared.run_dir.keys_dir / key.name)
@@ -140,6 +145,35 @@ def test_the_flower_app_trains_exactly_as_the_in_process_runtime(deployed, tmp_p
         plain = NodeState(Node.from_node_config(context.node_config).run_dir(load_job(job)), load_job(job), cid,
                           context.run_id).open(sealed)
         assert decode(plain).uploaded == (1, 2) and decode(plain).answered == (1, 2)
+
+
+def test_fedkseed_on_flower_keeps_each_replica_on_its_node_and_catches_up_a_node_that_missed_rounds(
+        tmp_path, tiny_model, sst2_sample):
+    """Each message may reach a node in a fresh process (here each reloads the task, so the weights are rebuilt
+    from the replica on the node's disk). Node 2 misses rounds 1 and 2, then takes them from a catch-up: the
+    model is the in-process run's, bit for bit."""
+    job = write_job(tmp_path, tiny_model, *sst2_sample, peft=None,
+                    algorithm={"name": "fedkseed", "seeds": 64, "perturbation": 1e-3},
+                    federation={"rounds": 4, "local_steps": 4, "learning_rate": 1e-3},
+                    secagg={"mode": "secaggplus", "clip": 2.0**24}, privacy={"epsilon": 8.0, "max_grad_norm": 2.0})
+    job, app, contexts = deploy(tmp_path, job)
+    absent = lambda cid, msg: cid == 2 and isinstance(msg, TrainIns) and msg.round in (1, 2)  # noqa: E731
+    run = flower.run_job(LoopbackGrid(contexts, lambda node, msg: not absent(node - 1000, msg)), app, Notes())
+    records = run.records()
+    assert [r["contributors"] for r in records] == [2, 2, 3, 3]
+    assert records[2]["catch_up"]["caught_up"] == 1 and "catch_up" not in records[3]
+    prepared = prepare(load_job(job), out=tmp_path / "local")
+    pin_secrets(tmp_path / "local")
+    reference = execute(prepared, faults=absent)
+    assert [r["contributors"] for r in reference.records] == [2, 2, 3, 3]
+    spec = prepared.task.bundle.view.spec.digest
+    _, history = run.last_checkpoint(0, spec)
+    np.testing.assert_array_equal(history.scalars, reference.run.last_checkpoint(0, spec)[1].scalars)
+    assert (run.model_dir / "config.json").is_file()  # the server replays the history: the whole model, in clear
+    for cid in range(3):  # each node's replica: rounds 1 to 3, on its own disk
+        [file] = (tmp_path / f"node-{cid}").glob("*/secrets/replica-client-*")
+        assert file.name == f"replica-client-{cid}" and file.stat().st_size == 3 * 64 * 4
+        np.testing.assert_array_equal(np.fromfile(file, "<f4").reshape(3, 64), history.scalars[:3])
 
 
 def test_a_hardened_job_runs_on_flower_with_each_identity_key_on_its_own_node(tmp_path, tiny_model, sst2_sample):

@@ -59,7 +59,7 @@ def test_a_node_with_an_unregistered_key_is_refused(federation, tmp_path):
 
 def test_a_flower_deployment_gives_the_in_process_result(federation, tmp_path):
     progress = []
-    run_dir = federation.run_job(federation.job, RUN_SECONDS, dp_secret=SECRET, on_line=progress.append)
+    run_dir = federation.run_job(federation.job, RUN_SECONDS, secrets={"dp": SECRET}, on_line=progress.append)
     # `flower run` shows the ServerApp's progress as it goes, streamed from Flower's log
     assert any("3 of 3 clients joined" in line for line in progress), progress
     assert any("round 2/2: 3 clients training" in line for line in progress), progress
@@ -126,7 +126,7 @@ def test_a_signed_ckks_job_on_flower_leaves_each_node_the_in_process_model(feder
                     secagg={"mode": "ckks", "identities": str(federation.root / "identities")})
     deployment = Loopback(tmp_path / "flower")
     try:
-        run_dir = deployment.run_job(job, RUN_SECONDS, dp_secret=SECRET)
+        run_dir = deployment.run_job(job, RUN_SECONDS, secrets={"dp": SECRET})
     finally:
         deployment.stop_all()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -142,3 +142,39 @@ def test_a_signed_ckks_job_on_flower_leaves_each_node_the_in_process_model(feder
         kept = load_file(str(kept))
         for name in reference:  # CKKS decrypts with noise of about 1e-8
             np.testing.assert_allclose(kept[name], reference[name], rtol=0, atol=1e-5)
+
+
+def test_fedkseed_on_flower_gives_the_in_process_history_and_each_node_keeps_its_replica(federation, tmp_path):
+    """FedKSeed with DP-ZO through hardened SecAgg+ on real Flower processes: the K-vector each way, each node's
+    replica on its own disk, and the history (so the model) of the in-process run, bit for bit."""
+    config = load_job(federation.job)
+    seeds = 64
+    job = write_job(tmp_path, config.model.name, config.data.train, config.data.dev, peft=None,
+                    algorithm={"name": "fedkseed", "seeds": seeds, "perturbation": 1e-3},
+                    federation={"rounds": 2, "clients": CLIENTS, "local_steps": 4, "learning_rate": 1e-3},
+                    secagg={"mode": "secaggplus", "clip": 2.0**24, "identities": str(federation.root / "identities")},
+                    privacy={"epsilon": 8.0, "max_grad_norm": 2.0})
+    pinned = {"dp": SECRET, "fedkseed": SECRET}
+    deployment = Loopback(tmp_path / "flower")
+    try:
+        run_dir = deployment.run_job(job, RUN_SECONDS, secrets=pinned)
+    finally:
+        deployment.stop_all()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["contributors"] for r in records] == [CLIENTS, CLIENTS]
+    # round 1's scalars and hardened SecAgg+'s signed lists (766 B a client measured), not the model (4 MB)
+    assert seeds * 4 < records[1]["bytes_down"] / CLIENTS < seeds * 4 + 2000
+    prepared = prepare(load_job(job), out=tmp_path / "local")
+    (tmp_path / "local" / "secrets").mkdir(mode=0o700)
+    for name, secret in pinned.items():
+        (tmp_path / "local" / "secrets" / name).write_text(secret + "\n", encoding="ascii")
+    reference = execute(prepared)
+    deployed = load_file(str(run_dir / "checkpoints" / "round-00002.safetensors"))
+    local = load_file(str(reference.run.path / "checkpoints" / "round-00002.safetensors"))
+    assert set(deployed) == set(local)
+    for name in local:
+        np.testing.assert_array_equal(deployed[name], local[name])
+    assert (run_dir / "model" / "config.json").is_file()  # a whole model: the server replays the history
+    for cid in range(CLIENTS):  # round 1's scalars, taken before round 2, on each node's own disk
+        [replica] = (tmp_path / "flower" / "nodes" / f"client-{cid}").glob("*/secrets/replica-client-*")
+        assert replica.stat().st_size == seeds * 4

@@ -10,6 +10,7 @@ is DP-ZO's (privacy/dpzo.py).
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -181,11 +182,13 @@ class SeedServer(Server):
         exchange = self.grid.exchange(requests)
         for cid in behind:
             reply = exchange.replies.get(cid)
-            if isinstance(reply, ReplicaHead) and reply.round == upto and reply.head == self.replica.heads[upto]:
-                self._held[cid] = upto
+            # a client may hold more than the server knew of (it kept its replica on disk across a restart)
+            if (isinstance(reply, ReplicaHead) and upto <= reply.round <= self.replica.round
+                    and reply.head == self.replica.heads[reply.round]):
+                self._held[cid] = reply.round
             else:  # it lost its replica, or refused ours: the next catch-up starts from round 1
                 self._held[cid] = 0
-        log.notes["catch_up"] = {"clients": len(behind), "caught_up": sum(self._held.get(c, 0) == upto
+        log.notes["catch_up"] = {"clients": len(behind), "caught_up": sum(self._held.get(c, 0) >= upto
                                                                           for c in behind),
                                  "bytes_down": exchange.bytes_down, "bytes_up": exchange.bytes_up}
 
@@ -243,6 +246,8 @@ def _appended(model: SeedHistory, row: np.ndarray) -> SeedHistory:
 
 
 class FedKSeed(Algorithm):
+    messages = (SeedHistory,)
+
     def __init__(self, config: JobConfig, spec: bytes, initial: np.ndarray):
         super().__init__(config, spec, initial)
         self.settings: FedKSeedConfig = config.algorithm
@@ -255,17 +260,18 @@ class FedKSeed(Algorithm):
         self.store = WeightStore(self.pool, initial, genesis(spec, self.settings.seeds), fed.learning_rate_at,
                                  cache_root() / "replicas")
 
-    def replica(self) -> Replica:
-        return Replica(self.store, self.settings.seeds)
+    def replica(self, file: Path | None = None) -> Replica:
+        return Replica(self.store, self.settings.seeds, file)
 
     def initial(self, weights: np.ndarray) -> SeedHistory:
         return SeedHistory(first=1, parent=self.store.origin,
                            scalars=np.zeros((0, self.settings.seeds), np.float32))
 
-    def client(self, *args, example_losses, run: RunDir | None, **kwargs) -> SeedClient:
-        # the secret stays with the clients (in the run directory, or a node's own); without one, a fresh one
+    def client(self, cid: int, *args, example_losses, run: RunDir | None, **kwargs) -> SeedClient:
+        # the secret and the replica stay with the clients (in the run directory, or a node's own)
         secret = run.secret("fedkseed") if run is not None else secrets.randbits(63)
-        return SeedClient(*args, pool=self.pool, replica=self.replica(), settings=self.settings,
+        replica = self.replica(run.replica_file(cid) if run is not None else None)
+        return SeedClient(cid, *args, pool=self.pool, replica=replica, settings=self.settings,
                           example_losses=example_losses, secret=secret, **kwargs)
 
     def server(self, *args, **kwargs) -> SeedServer:

@@ -5,6 +5,9 @@ The scalars are the replica (16 KB a round at K = 4096). Weights are derived fro
 per chain head (the initial model's and the latest two), so a party holds no second copy of the model in memory:
 it reads a replica's weights straight into the model it trains. In-process clients at the same round share one
 file, and a resumed party rebuilds its weights bit-exactly from the initial model.
+
+A client's scalars are also appended to a file of its own (a node's disk on Flower), fsynced before it answers: a
+node that answers each message in a fresh process, or restarts, takes up its replica where it was.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import ProtocolError
+from ..rundir import append_durably
 from .seeds import SeedPool, extend
 
 _KEPT = 2  # weight files kept besides the initial model's: the current round's and the one before
@@ -38,8 +42,10 @@ class WeightStore:
         parent.mkdir(parents=True, exist_ok=True)
         _remove_orphans(parent)
         self.folder = Path(tempfile.mkdtemp(prefix="replicas-", dir=parent))
-        lock = os.open(self.folder / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        making = self.folder / f".{_LOCK}"
+        lock = os.open(making, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(lock, fcntl.LOCK_EX)  # held while this store lives: a folder whose lock is free is an orphan
+        os.rename(making, self.folder / _LOCK)  # seen by another process only once held, never free in between
         weakref.finalize(self, _remove, self.folder, lock)
         self._recent: list[bytes] = []
         self._write(origin, np.ascontiguousarray(initial, dtype=np.float32))
@@ -94,13 +100,28 @@ def _remove(folder: Path, lock: int) -> None:
 
 
 class Replica:
-    """The rounds a party has taken, each named by the chain head it leads to."""
+    """The rounds a party has taken, each named by the chain head it leads to; kept in `file` too, if given."""
 
-    def __init__(self, store: WeightStore, seeds: int):
+    def __init__(self, store: WeightStore, seeds: int, file: Path | None = None):
         self.store = store
         self.seeds = seeds
         self.rows: list[np.ndarray] = []
         self.heads: list[bytes] = [store.origin]
+        self.file = None
+        if file is not None and file.exists():
+            self._restore(file)
+        self.file = file
+
+    def _restore(self, file: Path) -> None:
+        """The rounds taken before this process: whole rows, each checked on the chain again."""
+        data = np.fromfile(file, dtype="<f4")
+        whole = len(data) // self.seeds
+        if whole * self.seeds != len(data):  # cut short mid-write: that round was never answered, so never taken
+            os.truncate(file, whole * self.seeds * 4)
+        try:
+            self.take(1, self.store.origin, data[: whole * self.seeds].reshape(whole, self.seeds))
+        except ProtocolError as exc:
+            raise ProtocolError(f"{file}: this party's replica is damaged ({exc})") from None
 
     @property
     def round(self) -> int:
@@ -121,6 +142,7 @@ class Replica:
                                 "took: the server's history differs from what it sent before")
         if rows.ndim != 2 or rows.shape[1] != self.seeds or not np.isfinite(rows).all():
             raise ProtocolError(f"the server's update is not finite rows of {self.seeds} scalars")
+        taken = []
         for offset, row in enumerate(rows):
             round = first + offset
             head = extend(self.heads[round - 1], round, row)
@@ -128,8 +150,11 @@ class Replica:
                 if head != self.heads[round]:
                     raise ProtocolError(f"the server's round {round} differs from the one this replica took")
                 continue
-            self.rows.append(np.array(row, dtype=np.float32))
+            taken.append(np.array(row, dtype=np.float32))
+            self.rows.append(taken[-1])
             self.heads.append(head)
+        if taken and self.file is not None:
+            append_durably(self.file, np.ascontiguousarray(taken, dtype="<f4").tobytes())
 
     def load(self, into: np.ndarray) -> None:
         """Put this replica's weights into `into`."""
@@ -138,3 +163,4 @@ class Replica:
     def history(self) -> np.ndarray:
         """Every round's scalars, a row each."""
         return np.array(self.rows, dtype=np.float32).reshape(self.round, self.seeds)
+

@@ -99,9 +99,6 @@ def check_deployable(job: JobConfig) -> None:
     """The job settings that cannot run on Flower yet, refused before anything starts."""
     if why := sum_kind(job).refuses_flower(job):
         raise ConfigError(f"secagg: {why}")
-    if job.algorithm.name != "fedavg":  # a node would need its replica kept on its disk between messages
-        raise ConfigError(f"algorithm: {job.algorithm.name} runs in process only (securefed run) in this version; "
-                          "on Flower, use fedavg")
     if job.watermark is not None and job.watermark.keys:
         raise ConfigError("watermark.keys: on Flower each organisation brings its own key (flower join --key); "
                           "leave the keys out of the job")
@@ -454,12 +451,13 @@ class Loopback:
         self.processes[f"run-{process.pid}"] = process
         return process
 
-    def run_job(self, job: Path, timeout: float, dp_secret: str | None = None,
+    def run_job(self, job: Path, timeout: float, secrets: Mapping[str, str] | None = None,
                 watermark_keys: Mapping[int, Path] | None = None,
                 on_line: Callable[[str], None] | None = None) -> Path:
         """The whole job on this machine: its data partitioned, a registered node per client, the App run to the
-        end; the nodes are stopped after. `dp_secret` and `watermark_keys` replace what each node would make (to
-        match an in-process run); `on_line` receives the run's progress. Returns the run directory."""
+        end; the nodes are stopped after. `secrets` (by name: "dp", "fedkseed") and `watermark_keys` replace what
+        each node would make (to match an in-process run); `on_line` receives the run's progress. Returns the run
+        directory."""
         config = load_job(job)
         self.securefed_cli("partition", str(job), "--out", str(self.root / "parts"))
         if "superlink" not in self.processes:
@@ -471,8 +469,8 @@ class Loopback:
             for cid in range(config.federation.clients):
                 self.register(cid)
                 folder = self.root / "nodes" / f"client-{cid}"
-                if dp_secret:
-                    node_run_dir(config, folder, cid).private_file("dp").write_text(dp_secret + "\n", encoding="ascii")
+                for name, secret in (secrets or {}).items():
+                    node_run_dir(config, folder, cid).private_file(name).write_text(secret + "\n", encoding="ascii")
                 data = next((self.root / "parts").glob(f"client-{cid}.*"))
                 nodes.append(f"node-{cid}")
                 self.join(nodes[-1], job, cid, cid, data, folder, (watermark_keys or {}).get(cid), threads,

@@ -123,7 +123,7 @@ def answer(app: AppConfig, node: Node, flower_run: int, wire: bytes, sealed: byt
             sum_client = secure_sum(app.job).client(node.client, node.identity_key(app.job))
             sum_client.restore(keeper.open(sealed))
             try:
-                if isinstance(request, (TrainIns, EvaluateIns, FinalIns)):  # these need the model
+                if isinstance(request, _client_messages(app.job)):  # these need the model
                     reply = _client(app, node, run, sum_client).handle(request)
                 else:
                     reply = sum_client.reply(request)
@@ -134,6 +134,14 @@ def answer(app: AppConfig, node: Node, flower_run: int, wire: bytes, sealed: byt
         if not isinstance(exc, SecurefedError):  # a bug, not bad input: its traceback stays in the node's log
             traceback.print_exc(file=sys.stderr)
         return Answer(None, f"{type(exc).__name__}: {exc}", state, time.perf_counter() - started)
+
+
+def _client_messages(job: JobConfig) -> tuple[type, ...]:
+    """The messages the node's client answers (the secure sum answers the rest): training, the model's, and what
+    the job's algorithm adds."""
+    from ..algorithms import ALGORITHMS  # with torch, which a message to the client loads anyway
+
+    return (TrainIns, EvaluateIns, FinalIns, *ALGORITHMS[job.algorithm.name].messages)
 
 
 @contextmanager
