@@ -264,11 +264,17 @@ def _aggregate(model: Message, result: SumResult | SealedSum, weighting: Weighti
         return result.sealed
     if not isinstance(model, PlainModel):
         raise RoundAborted("a clear sum cannot update a sealed model")
-    total_examples = result.total[-1]
-    if not total_examples >= len(result.contributors):  # a count below zero would amplify everyone's update
-        raise RoundAborted(f"the contributors' example counts add up to {total_examples:g}, less than one each")
+    total_examples = examples_in(result)
     step = weighting.mean(result.total[:-1], total_examples, len(result.contributors))
     return PlainModel(weights=(model.weights + step).astype(np.float32))
+
+
+def examples_in(result: SumResult) -> float:
+    """Σ n_k of a clear sum, refused below one per contributor: a count below zero would amplify everyone's update."""
+    total = float(result.total[-1])
+    if not total >= len(result.contributors):
+        raise RoundAborted(f"the contributors' example counts add up to {total:g}, less than one each")
+    return total
 
 
 def _mean(values: list[float]) -> float | None:

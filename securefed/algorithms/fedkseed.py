@@ -24,7 +24,7 @@ from ..models.gguf import cache_root
 from ..protocol import Array, MaxLen, Message, TrainIns, TrainRes, message
 from ..rundir import RunDir
 from ..seeding import stream
-from ..server import Server, _RoundLog
+from ..server import Server, _RoundLog, examples_in
 from .base import Algorithm
 from .replica import Replica, WeightStore
 from .seeds import SeedPool, genesis
@@ -201,9 +201,7 @@ class SeedServer(Server):
     def apply(self, model: SeedHistory, result: SumResult | SealedSum) -> SeedHistory:
         if not isinstance(result, SumResult):
             raise RoundAborted("FedKSeed adds its scalars in a sum the server reads")
-        contributors, examples = len(result.contributors), float(result.total[-1])
-        if not examples >= contributors:  # a client that claims fewer than no examples amplifies everyone's
-            raise RoundAborted(f"the contributors' example counts add up to {examples:g}, less than one each")
+        contributors, examples = len(result.contributors), examples_in(result)
         mean = (result.total[:-1] / examples).astype(np.float32)
         self._check_plausible(mean, contributors)
         return _appended(model, mean)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SecurefedError
+from ..rundir import append_durably
 from .accounting import Spend, epsilon_prv
 
 FIELDS = {"round": int, "q": float, "sigma": float, "steps": int, "epsilon": float, "delta": float,
@@ -77,10 +77,7 @@ class Ledger:
                       target_epsilon=target_epsilon, prev=self._head)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(entry.__dict__, sort_keys=True)
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_durably(self.path, (line + "\n").encode("utf-8"))
         self.entries.append(entry)
         self._head = hashlib.sha256(line.encode()).hexdigest()
         return entry
