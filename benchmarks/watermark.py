@@ -268,7 +268,7 @@ def train_pairs(job, watermark: WatermarkConfig, seeds: int, workers: int, tmp: 
     for i in range(seeds):
         seeded = job.model_copy(update={"federation": job.federation.model_copy(
             update={"seed": job.federation.seed + i})})
-        secrets[i] = os.urandom(8).hex()
+        secrets[i] = os.urandom(32).hex()
         jobs += [(i, seeded.model_copy(update={"name": f"watermarked-{i}", "watermark": watermark})),
                  (i, seeded.model_copy(update={"name": f"baseline-{i}", "watermark": None}))]
     threads = max(1, (torch.get_num_threads()) // workers)

@@ -64,6 +64,8 @@ class SealedSum:
 class SumClient(ABC):
     """One client's side of a secure-sum protocol: a state machine over typed messages."""
 
+    answers: tuple[type[Message], ...] = ()  # the follow-up stages reply() takes; a node sends the rest to its client
+
     def open_model(self, model: Message, size: int) -> np.ndarray:
         """The `size` global weights inside a TrainIns or EvaluateIns."""
         if not isinstance(model, PlainModel):

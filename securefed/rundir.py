@@ -74,13 +74,6 @@ class RunDir:
         """The folder of `job` at `path`: created on first use, then only ever reopened for the same job."""
         return cls.resume(path, job) if (path / "job.toml").exists() else cls.create(job, path)
 
-    def secret(self, name: str) -> int:
-        """A 63-bit secret kept in `secrets/<name>` (made on first use, readable by its owner only).
-
-        In-process, the clients' secrets live in the run directory; across machines each node keeps its own.
-        """
-        return int.from_bytes(self._secret(name, 8), "big") >> 1
-
     def private_file(self, name: str) -> Path:
         """`secrets/<name>`, in the folder (mode 0700, made on first use) of what the clients keep from the server."""
         folder = self.path / "secrets"
@@ -96,7 +89,10 @@ class RunDir:
         return self.private_file(f"replica-client-{client}")
 
     def secret_key(self, name: str) -> bytes:
-        """A 256-bit key kept like `secret`."""
+        """A 256-bit key kept in `secrets/<name>` (made on first use, readable by its owner only).
+
+        In-process, the clients' secrets live in the run directory; across machines each node keeps its own.
+        """
         key = self._secret(name, 32)
         if len(key) != 32:
             raise RunDirError(f"{self.private_file(name)}: not a 256-bit key")

@@ -8,6 +8,8 @@ TLS and node authentication are the slow tier's (test_flower_deployment.py).
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from securefed.runtime.node import Node, NodeState  # noqa: E402
 from securefed.secagg.identity import generate, private_file  # noqa: E402
 from securefed.tasks import task_kind  # noqa: E402
 
-SECRET = "0123456789abcdef"
+SECRET = "0123456789abcdef" * 4
 
 # Flower sets these in each of its processes; Message() reads them.
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
@@ -580,3 +582,24 @@ def test_a_node_answers_one_message_at_a_time_for_a_job(tmp_path):
         order.append("first")
     other.join(timeout=10)
     assert order == ["first", "second"]
+
+
+def test_a_secure_sum_stage_is_answered_in_a_new_process_without_torch(deployed):
+    """Under Flower's subprocess isolation a node answers each message in a new process: SecAgg+'s stages need no
+    model, so they must not pay for importing torch."""
+    job, app, contexts = deployed
+    script = f"""
+import sys
+from securefed.protocol import decode, encode
+from securefed.runtime.deployment import AppConfig
+from securefed.runtime.node import Node, answer
+from securefed.secagg.secaggplus import KeyAdvert, SetupStart
+reply = answer(AppConfig.from_run_config({app.run_config()!r}), Node.from_node_config({contexts[1000].node_config!r}),
+               1, encode(SetupStart(first_round=1, last_round=2)), None)
+assert reply.error is None, reply.error
+assert isinstance(decode(reply.wire), KeyAdvert)
+print("torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -22,7 +22,7 @@ from securefed.runtime.local import execute, prepare  # noqa: E402
 from securefed.secagg.identity import generate  # noqa: E402
 
 pytestmark = pytest.mark.slow
-SECRET = "5eed5eed5eed5eed"  # one DP secret for every party, so that the in-process run can match
+SECRET = "5eed" * 16  # one DP secret for every party, so that the in-process run can match
 CLIENTS = 3
 RUN_SECONDS = 1500
 

@@ -131,7 +131,7 @@ def test_each_owner_finds_its_bits_in_the_rmsnorm_scales(llama, instruction_samp
         WatermarkKey(f"client {c}", bytes([c + 1]) * 32, bytes([c + 101]) * 32, 48, prepared.task.carrier, 0,
                      4).save(prepared.run_dir.keys_dir / f"client-{c}.wmkey")
     (prepared.run_dir.path / "secrets").mkdir(mode=0o700)
-    (prepared.run_dir.path / "secrets" / "dp").write_text("0123456789abcdef\n", encoding="ascii")
+    (prepared.run_dir.path / "secrets" / "dp").write_text("0123456789abcdef" * 4 + "\n", encoding="ascii")
     result = execute(prepared)
     assert job.secagg.mode == "secaggplus" and result.records[-1]["contributors"] == 2
     # the scales' bits alone prove ownership (96 bits in 128 scales: the two owners' projections overlap, and a

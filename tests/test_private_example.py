@@ -26,7 +26,7 @@ def test_every_client_owns_the_private_model_and_a_fresh_key_does_not(tmp_path):
     job = load_job(PRIVATE)
     prepared = prepare(job, out=tmp_path / "run")
     run = prepared.run_dir
-    run.private_file("dp").write_text(_pinned("dp", 8).hex() + "\n", encoding="ascii")
+    run.private_file("dp").write_text(_pinned("dp", 32).hex() + "\n", encoding="ascii")
     run.keys_dir.mkdir(parents=True, exist_ok=True)
     for c in range(job.federation.clients):
         WatermarkKey(f"client {c}", _pinned(f"private {c}", 32), _pinned(f"seed {c}", 32), job.watermark.bits,

@@ -53,7 +53,7 @@ def trained(tmp_path_factory, wide_model, sst2_sample):
         WatermarkKey(f"client {c} of tiny", bytes([c + 1]) * 32, bytes([c + 101]) * 32, BITS, prepared.task.carrier,
                      8, 4).save(prepared.run_dir.keys_dir / f"client-{c}.wmkey")
     (prepared.run_dir.path / "secrets").mkdir(mode=0o700)
-    (prepared.run_dir.path / "secrets" / "dp").write_text("0123456789abcdef\n", encoding="ascii")
+    (prepared.run_dir.path / "secrets" / "dp").write_text("0123456789abcdef" * 4 + "\n", encoding="ascii")
     result = execute(prepared)
     keys = [WatermarkKey.load(folder / "run" / "keys" / f"client-{c}.wmkey") for c in range(4)]
     return result.run, keys

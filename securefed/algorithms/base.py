@@ -17,8 +17,6 @@ from ..server import Server
 class Algorithm(ABC):
     """One job's algorithm, made once per process from the job and its initial trainable weights."""
 
-    messages: tuple[type[Message], ...] = ()  # what its client answers besides TrainIns, EvaluateIns and FinalIns
-
     def __init__(self, config: JobConfig, spec: bytes, initial: np.ndarray):
         self.config = config
         self.spec = spec

@@ -65,7 +65,7 @@ class SeedClient(Client):
     """A client that keeps a replica and trains it by zeroth-order steps."""
 
     def __init__(self, *args, pool: SeedPool, replica: Replica, settings: FedKSeedConfig, example_losses,
-                 secret: int, **kwargs):
+                 secret: bytes, **kwargs):
         super().__init__(*args, **kwargs)
         self.pool = pool
         self.replica = replica
@@ -108,7 +108,7 @@ class SeedClient(Client):
         rate, epsilon = cfg.learning_rate_at(round), settings.perturbation
         weights = self.view.buffer
         chances = self.pool.probabilities(self.replica.history()) if settings.pro else None
-        chooser = stream(self.secret, "fedkseed-steps", round, self.cid)
+        chooser = stream(int.from_bytes(self.secret, "big"), "fedkseed-steps", round, self.cid)
         noise = None
         if self.wrapper:
             self.wrapper.admit(round)
@@ -244,8 +244,6 @@ def _appended(model: SeedHistory, row: np.ndarray) -> SeedHistory:
 
 
 class FedKSeed(Algorithm):
-    messages = (SeedHistory,)
-
     def __init__(self, config: JobConfig, spec: bytes, initial: np.ndarray):
         super().__init__(config, spec, initial)
         self.settings: FedKSeedConfig = config.algorithm
@@ -267,7 +265,7 @@ class FedKSeed(Algorithm):
 
     def client(self, cid: int, *args, example_losses, run: RunDir | None, **kwargs) -> SeedClient:
         # the secret and the replica stay with the clients (in the run directory, or a node's own)
-        secret = run.secret("fedkseed") if run is not None else secrets.randbits(63)
+        secret = run.secret_key("fedkseed") if run is not None else secrets.token_bytes(32)
         replica = self.replica(run.replica_file(cid) if run is not None else None)
         return SeedClient(cid, *args, pool=self.pool, replica=replica, settings=self.settings,
                           example_losses=example_losses, secret=secret, **kwargs)

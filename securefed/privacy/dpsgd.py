@@ -4,8 +4,8 @@
 take part × local steps, at q = batch / n_k, by the PRV accountant. Before each round the ledger is
 asked whether the round fits the budget; after it, the spend is appended and fsynced, and the released
 vector is kept, so that a round run again after a crash sends the same release instead of spending
-again. Sampling and noise draw from a secret seed that stays with the clients (never the job seed, which
-the server knows).
+again. Sampling and noise draw from a 256-bit secret that stays with the clients (never the job seed, which
+the server knows); the noise is a keystream's (noise.py), not a torch generator's.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from ..config import JobConfig
 from ..errors import ModelError, SecurefedError
 from ..interfaces import TrainingWrapper
 from ..rundir import RunDir
-from ..seeding import stream, stream_seed
+from ..seeding import stream
 from .accounting import Spend, calibrate
 from .ledger import Ledger, ledger_file
+from .noise import GaussianNoise
 
 # Opacus's hooks run on frozen inputs; torch warns about it on every backward pass, to no purpose here.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -45,7 +47,7 @@ class DPSettings:
     max_grad_norm: float
     batch_size: int  # expected batch size under Poisson sampling
     steps: int  # local steps per round
-    secret: int  # seeds sampling and noise; held by the clients only
+    secret: bytes  # 256 bits: keys sampling and noise; held by the clients only
 
 
 def private_module(model: torch.nn.Module, probe: dict[str, torch.Tensor],
@@ -82,10 +84,24 @@ def private_module(model: torch.nn.Module, probe: dict[str, torch.Tensor],
 
 
 class _PoissonBatchOptimizer(DPOptimizer):
-    """DP-SGD on the mean over the expected batch size, however many micro-batches the batch ran as.
+    """DP-SGD on the mean over the expected batch size, however many micro-batches the batch ran as, with the
+    client's keyed noise.
 
     Opacus's own "mean" reduction would divide again by the number of backward passes.
     """
+
+    def __init__(self, *args, noise: GaussianNoise, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.noise = noise
+
+    def add_noise(self) -> None:
+        """Opacus's, drawing from the keystream rather than a torch generator."""
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            draws = torch.from_numpy(self.noise.normal(p.summed_grad.numel())).to(p.summed_grad.dtype)
+            p.grad = (p.summed_grad + std * draws.view_as(p.summed_grad)).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
         for p in self.params:
@@ -103,7 +119,7 @@ class DPSGD(TrainingWrapper):
         privacy, fed = config.privacy, config.federation
         settings = DPSettings(epsilon=privacy.epsilon, delta=privacy.delta, max_grad_norm=privacy.max_grad_norm,
                               batch_size=min(fed.batch_size, examples), steps=fed.local_steps,
-                              secret=run.secret("dp"))
+                              secret=run.secret_key("dp"))
         ledger = Ledger(ledger_file(run.ledger_dir, cid), config.job_id, cid)
         return cls(cid, examples, rounds, settings, prepared, ledger, run.ledger_dir / f"client-{cid}.release.npz")
 
@@ -140,14 +156,17 @@ class DPSGD(TrainingWrapper):
                               f"{self.settings.epsilon}: declined")
 
     def batches(self, round: int, examples: int, steps: int) -> list[np.ndarray]:
-        rng = stream(self.settings.secret, "poisson", round, self.cid)
+        rng = stream(int.from_bytes(self.settings.secret, "big"), "poisson", round, self.cid)
         return [np.flatnonzero(rng.random(examples) < self.q) for _ in range(steps)]
 
     def wrap(self, model, optimizer, round: int):
-        generator = torch.Generator().manual_seed(stream_seed(self.settings.secret, "noise", round, self.cid))
         return self.module, _PoissonBatchOptimizer(
             optimizer, noise_multiplier=self.sigma, max_grad_norm=self.settings.max_grad_norm,
-            expected_batch_size=self.settings.batch_size, loss_reduction="sum", generator=generator)
+            expected_batch_size=self.settings.batch_size, loss_reduction="sum", noise=self.noise(round))
+
+    def noise(self, round: int) -> GaussianNoise:
+        """The round's noise stream, keyed by the clients' secret."""
+        return GaussianNoise(self.settings.secret, type(self).__name__, round, self.cid)
 
     def loss_scale(self, part: int, batch: int) -> float:
         return float(part)  # the sum over the part's examples: Opacus wants per-example sums

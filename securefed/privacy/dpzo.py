@@ -9,11 +9,10 @@ and `securefed audit` are DP-SGD's (dpsgd.py), with no per-example gradients to 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from ..seeding import stream
 from .dpsgd import DPSGD
+from .noise import GaussianNoise
 
 
 class DPZO(DPSGD):
@@ -21,14 +20,10 @@ class DPZO(DPSGD):
     def prepare(cls, model, probe, loss) -> None:
         return None  # no gradients at all: nothing to check on the model
 
-    def noise(self, round: int) -> np.random.Generator:
-        """The round's noise stream, from the clients' secret."""
-        return stream(self.settings.secret, "zo-noise", round, self.cid)
-
-    def noisy_mean(self, scalars: torch.Tensor, noise: np.random.Generator) -> float:
+    def noisy_mean(self, scalars: torch.Tensor, noise: GaussianNoise) -> float:
         """The clipped per-example scalars, summed, noised and divided by the expected batch size."""
         bound = self.settings.max_grad_norm
-        total = float(scalars.clamp(-bound, bound).sum()) + float(noise.normal()) * self.sigma * bound
+        total = float(scalars.clamp(-bound, bound).sum()) + float(noise.normal(1)[0]) * self.sigma * bound
         return total / self.settings.batch_size
 
     def wrap(self, model, optimizer, round: int):

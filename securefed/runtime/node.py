@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..config import JobConfig
 from ..errors import ConfigError, DataError, ProtocolError, SecurefedError
-from ..protocol import EvaluateIns, FinalIns, TrainIns, decode, encode
+from ..protocol import decode, encode
 from ..rundir import RunDir, write_atomic
 from ..secagg import identity
 from ..secagg.channel import seal, unseal
@@ -123,10 +123,10 @@ def answer(app: AppConfig, node: Node, flower_run: int, wire: bytes, sealed: byt
             sum_client = secure_sum(app.job).client(node.client, node.identity_key(app.job))
             sum_client.restore(keeper.open(sealed))
             try:
-                if isinstance(request, _client_messages(app.job)):  # these need the model
-                    reply = _client(app, node, run, sum_client).handle(request)
-                else:
+                if isinstance(request, sum_client.answers):  # the secure sum's own stages: no model, no torch
                     reply = sum_client.reply(request)
+                else:
+                    reply = _client(app, node, run, sum_client).handle(request)
             finally:  # what the client did (an upload's round, a revealed share) must hold even if the reply is lost
                 state = keeper.seal(sum_client.state())
         return Answer(encode(reply), None, state, time.perf_counter() - started)
@@ -134,14 +134,6 @@ def answer(app: AppConfig, node: Node, flower_run: int, wire: bytes, sealed: byt
         if not isinstance(exc, SecurefedError):  # a bug, not bad input: its traceback stays in the node's log
             traceback.print_exc(file=sys.stderr)
         return Answer(None, f"{type(exc).__name__}: {exc}", state, time.perf_counter() - started)
-
-
-def _client_messages(job: JobConfig) -> tuple[type, ...]:
-    """The messages the node's client answers (the secure sum answers the rest): training, the model's, and what
-    the job's algorithm adds."""
-    from ..algorithms import ALGORITHMS  # with torch, which a message to the client loads anyway
-
-    return (TrainIns, EvaluateIns, FinalIns, *ALGORITHMS[job.algorithm.name].messages)
 
 
 @contextmanager

@@ -220,6 +220,8 @@ def check_advert(settings: CkksSettings, advert: ChannelAdvert) -> None:
 
 
 class CkksClient(SumClient):
+    answers = (CkksSetupStart, KeyRequest, KeyDelivery)
+
     def __init__(self, cid: int, settings: CkksSettings, identity_key: Ed25519PrivateKey | None = None):
         if settings.identities and identity_key is None:
             raise ValueError("a job with identities needs the client's identity key")

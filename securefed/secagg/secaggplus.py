@@ -241,6 +241,8 @@ class _Setup:
 
 
 class SecAggPlusClient(SumClient):
+    answers = (SetupStart, ShareRequest, ShareDelivery, SurvivorsRequest, UnmaskRequest)
+
     def __init__(self, cid: int, settings: SecAggPlusSettings, identity_key: Ed25519PrivateKey | None = None):
         if settings.hardened and identity_key is None:
             raise ValueError("hardened SecAgg+ needs the client's identity key")
