@@ -7,7 +7,7 @@ secure sum, loss term or runtime is a new file plus a line in job.py.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -111,6 +111,11 @@ class SumServer(ABC):
         Raises SetupFailed when too few clients took part for the protocol to work.
         """
         return {}
+
+    def renew(self, joined: Set[int]) -> bool:
+        """Whether clients `joined`, newly reachable, need the setup run again (for the rounds left) to take part;
+        True too when the last setup did not complete. A sum without setup takes anyone's upload."""
+        return False
 
     @abstractmethod
     def open(self, round: int, cohort: Sequence[int], size: int, bound: float = 0.0, told: bytes = b"") -> None:
@@ -228,6 +233,10 @@ class Grid(ABC):
     @abstractmethod
     def exchange(self, requests: Mapping[int, Message]) -> Exchange:
         """Deliver each request to its client and collect the replies; a vanished client is `dropped`."""
+
+    def joined(self) -> Set[int]:
+        """The clients that became reachable since the last call (a node that came online late); none by default."""
+        return frozenset()
 
 
 # ---------------------------------------------------------------- progress

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import RoundAborted
+from .errors import RoundAborted, SetupFailed
 from .interfaces import Encoding, Exchange, Grid, Observer, SealedSum, SumResult, SumServer
 from .models import Evaluation
 from .protocol import EvaluateIns, EvaluateRes, Message, PlainModel, TrainIns, TrainRes, encode
@@ -68,12 +68,28 @@ class Server:
         self._bound, self._examples = self._resumed(start)
         setup = self.setup(rounds) if rounds else None
         for round in rounds:
+            if round > rounds.start:
+                setup = self._take_in_late_clients(round) or setup
             model, record = self.round(round, model)
             if setup is not None:  # the once-per-job setup is charged to the first round it served
                 record["setup"], setup = setup, None
             self.run_dir.commit(round, model, self.spec, record)
             self.observer.round_finished(record)
         return model
+
+    def _take_in_late_clients(self, round: int) -> dict | None:
+        """Clients whose nodes came online since the last round (a late start) join the rounds left: the secure
+        sum's setup runs again for them if it needs to, and again after a setup that failed. Returns its cost."""
+        joined = self.grid.joined()
+        if joined:
+            self.observer.notice(f"clients {sorted(joined)} joined before round {round}")
+        if not self.secure_sum.renew(joined):
+            return None
+        try:
+            return self.setup(range(round, self.schedule.rounds + 1))
+        except SetupFailed as exc:  # the round aborts (its clients refuse to train); the next one tries again
+            self.observer.notice(f"round {round}: {exc}")
+            return None
 
     def _resumed(self, start: int) -> tuple[float, float]:
         """The encoding bound the last committed round chose for the next one, and its Σ n_k, so a resumed run is

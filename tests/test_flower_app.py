@@ -178,6 +178,70 @@ def test_fedkseed_on_flower_keeps_each_replica_on_its_node_and_catches_up_a_node
         np.testing.assert_array_equal(np.fromfile(file, "<f4").reshape(3, 64), history.scalars[:3])
 
 
+class LateGrid(LoopbackGrid):
+    """Node `late` is offline (not in get_node_ids, as Flower lists only ONLINE nodes) until node `trigger` is
+    sent round `round`'s TrainIns: it comes online during that round."""
+
+    def __init__(self, contexts, late: int, trigger: int, round: int):
+        super().__init__(contexts, self._watch)
+        self.late, self.trigger, self.round, self.online = late, trigger, round, False
+
+    def _watch(self, node, msg):
+        if node == self.trigger and isinstance(msg, TrainIns) and msg.round == self.round:
+            self.online = True
+        return node != self.late or self.online
+
+    def get_node_ids(self):
+        return [n for n in self.contexts if n != self.late or self.online]
+
+
+def test_fedkseed_on_flower_takes_in_a_node_that_starts_late(tmp_path, tiny_model, sst2_sample):
+    """Node 2 is offline before round 1 (so out of the SecAgg+ setup) and comes online during round 2. Before
+    round 3 the server finds it, runs the setup again for rounds 3..4, catches it up, and it trains: the history
+    is the in-process run's in which client 2 misses rounds 1 and 2, bit for bit."""
+    import dataclasses
+
+    job = write_job(tmp_path, tiny_model, *sst2_sample, peft=None,
+                    algorithm={"name": "fedkseed", "seeds": 64, "perturbation": 1e-3},
+                    federation={"rounds": 4, "local_steps": 4, "learning_rate": 1e-3},
+                    secagg={"mode": "secaggplus", "clip": 2.0**24}, privacy={"epsilon": 8.0, "max_grad_norm": 2.0})
+    job, app, contexts = deploy(tmp_path, job)
+    notes = Notes()
+    run = flower.run_job(LateGrid(contexts, late=1002, trigger=1000, round=2),
+                         dataclasses.replace(app, join_timeout=1.0), notes)
+    records = run.records()
+    assert [r["contributors"] for r in records] == [2, 2, 3, 3]
+    assert any("clients [2] did not join within 1 s" in line for line in notes.lines)
+    assert any("clients [2] joined before round 3" in line for line in notes.lines)
+    assert "setup" in records[0] and "setup" in records[2] and records[2]["setup"]["dropped"] == 0
+    assert records[2]["catch_up"]["caught_up"] == 1
+    absent = lambda cid, msg: cid == 2 and isinstance(msg, TrainIns) and msg.round in (1, 2)  # noqa: E731
+    prepared = prepare(load_job(job), out=tmp_path / "local")
+    pin_secrets(tmp_path / "local")
+    reference = execute(prepared, faults=absent)
+    spec = prepared.task.bundle.view.spec.digest
+    _, history = run.last_checkpoint(0, spec)
+    np.testing.assert_array_equal(history.scalars, reference.run.last_checkpoint(0, spec)[1].scalars)
+    [file] = (tmp_path / "node-2").glob("*/secrets/replica-client-*")
+    np.testing.assert_array_equal(np.fromfile(file, "<f4").reshape(3, 64), history.scalars[:3])
+    context = contexts[1002]
+    state = decode(NodeState(Node.from_node_config(context.node_config).run_dir(load_job(job)), load_job(job), 2,
+                             context.run_id).open(context.state[flower.RECORD][flower.STATE_KEY]))
+    assert (state.first_round, state.uploaded, state.answered) == (3, (3, 4), (3, 4))
+
+
+def test_a_late_node_joins_a_fedavg_job_under_secaggplus(deployed):
+    """FedAvg: the late node gets the global model in round 2's TrainIns after a new setup, and trains."""
+    import dataclasses
+
+    _, app, contexts = deployed
+    notes = Notes()
+    run = flower.run_job(LateGrid(contexts, late=1002, trigger=1000, round=1),
+                         dataclasses.replace(app, join_timeout=1.0), notes)
+    assert [r["contributors"] for r in run.records()] == [2, 3]
+    assert any("clients [2] joined before round 2" in line for line in notes.lines)
+
+
 def test_a_hardened_job_runs_on_flower_with_each_identity_key_on_its_own_node(tmp_path, tiny_model, sst2_sample):
     """Issue 17, attack 2: hardened SecAgg+ on Flower. The job that travels holds the public keys only; each node
     signs with its own client-<i>.key; the result is the in-process run's, which holds every key."""

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 pytest.importorskip("flwr")
 
 from securefed.config import load_job  # noqa: E402
+from securefed.protocol import TrainIns  # noqa: E402
 from securefed.runtime.deployment import Loopback  # noqa: E402
 from securefed.runtime.local import execute, prepare  # noqa: E402
 from securefed.secagg.identity import generate  # noqa: E402
@@ -144,37 +145,46 @@ def test_a_signed_ckks_job_on_flower_leaves_each_node_the_in_process_model(feder
             np.testing.assert_allclose(kept[name], reference[name], rtol=0, atol=1e-5)
 
 
-def test_fedkseed_on_flower_gives_the_in_process_history_and_each_node_keeps_its_replica(federation, tmp_path):
+def test_fedkseed_on_flower_takes_in_a_late_node_and_gives_the_in_process_history(federation, tmp_path):
     """FedKSeed with DP-ZO through hardened SecAgg+ on real Flower processes: the K-vector each way, each node's
-    replica on its own disk, and the history (so the model) of the in-process run, bit for bit."""
+    replica on its own disk, and the history (so the model) of the in-process run, bit for bit. Client 2's node
+    starts only once round 1 has: the server finds it before a later round, runs the setup again, catches it up
+    if it missed more than the last round, and it trains."""
     config = load_job(federation.job)
-    seeds = 64
+    seeds, rounds = 64, 8  # a node took 50 s to come online here (round 5), a round about 12 s
     job = write_job(tmp_path, config.model.name, config.data.train, config.data.dev, peft=None,
                     algorithm={"name": "fedkseed", "seeds": seeds, "perturbation": 1e-3},
-                    federation={"rounds": 2, "clients": CLIENTS, "local_steps": 4, "learning_rate": 1e-3},
+                    federation={"rounds": rounds, "clients": CLIENTS, "local_steps": 4, "learning_rate": 1e-3},
                     secagg={"mode": "secaggplus", "clip": 2.0**24, "identities": str(federation.root / "identities")},
                     privacy={"epsilon": 8.0, "max_grad_norm": 2.0})
     pinned = {"dp": SECRET, "fedkseed": SECRET}
     deployment = Loopback(tmp_path / "flower")
+    progress = []
     try:
-        run_dir = deployment.run_job(job, RUN_SECONDS, secrets=pinned)
+        run_dir = deployment.run_job(job, RUN_SECONDS, secrets=pinned, on_line=progress.append, late=(2,))
     finally:
         deployment.stop_all()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["contributors"] for r in records] == [CLIENTS, CLIENTS]
-    # round 1's scalars and hardened SecAgg+'s signed lists (766 B a client measured), not the model (4 MB)
-    assert seeds * 4 < records[1]["bytes_down"] / CLIENTS < seeds * 4 + 2000
+    [joined] = [int(line.rsplit(" ", 1)[1]) for line in progress if "clients [2] joined before round" in line]
+    assert 2 <= joined <= rounds, progress  # how soon its node came online is up to the machine
+    assert [r["contributors"] for r in records] == [CLIENTS - 1] * (joined - 1) + [CLIENTS] * (rounds - joined + 1)
+    assert records[joined - 1]["setup"]["dropped"] == 0  # the setup again, with all three
+    if joined > 2:  # the rounds before the one whose update its TrainIns carries
+        assert records[joined - 1]["catch_up"]["caught_up"] == 1
+    # the last round's scalars and hardened SecAgg+'s signed lists (766 B a client measured), not the model (4 MB)
+    assert seeds * 4 < records[-1]["bytes_down"] / CLIENTS < seeds * 4 + 2000
     prepared = prepare(load_job(job), out=tmp_path / "local")
     (tmp_path / "local" / "secrets").mkdir(mode=0o700)
     for name, secret in pinned.items():
         (tmp_path / "local" / "secrets" / name).write_text(secret + "\n", encoding="ascii")
-    reference = execute(prepared)
-    deployed = load_file(str(run_dir / "checkpoints" / "round-00002.safetensors"))
-    local = load_file(str(reference.run.path / "checkpoints" / "round-00002.safetensors"))
+    reference = execute(prepared, faults=lambda cid, msg: cid == 2 and isinstance(msg, TrainIns) and msg.round < joined)
+    last = f"round-{rounds:05d}.safetensors"
+    deployed = load_file(str(run_dir / "checkpoints" / last))
+    local = load_file(str(reference.run.path / "checkpoints" / last))
     assert set(deployed) == set(local)
     for name in local:
         np.testing.assert_array_equal(deployed[name], local[name])
     assert (run_dir / "model" / "config.json").is_file()  # a whole model: the server replays the history
-    for cid in range(CLIENTS):  # round 1's scalars, taken before round 2, on each node's own disk
+    for cid in range(CLIENTS):  # the rounds taken before the last, on each node's own disk
         [replica] = (tmp_path / "flower" / "nodes" / f"client-{cid}").glob("*/secrets/replica-client-*")
-        assert replica.stat().st_size == seeds * 4
+        assert replica.stat().st_size == seeds * 4 * (rounds - 1)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -453,11 +453,12 @@ class Loopback:
 
     def run_job(self, job: Path, timeout: float, secrets: Mapping[str, str] | None = None,
                 watermark_keys: Mapping[int, Path] | None = None,
-                on_line: Callable[[str], None] | None = None) -> Path:
+                on_line: Callable[[str], None] | None = None, late: Collection[int] = ()) -> Path:
         """The whole job on this machine: its data partitioned, a registered node per client, the App run to the
         end; the nodes are stopped after. `secrets` (by name: "dp", "fedkseed") and `watermark_keys` replace what
-        each node would make (to match an in-process run); `on_line` receives the run's progress. Returns the run
-        directory."""
+        each node would make (to match an in-process run); `on_line` receives the run's progress. The nodes of the
+        `late` clients start only once round 1 has started (the others' wait for them ends after 60 s). Returns
+        the run directory."""
         config = load_job(job)
         self.securefed_cli("partition", str(job), "--out", str(self.root / "parts"))
         if "superlink" not in self.processes:
@@ -465,20 +466,32 @@ class Loopback:
         nodes = []
         threads = node_threads(config.federation.clients)
         identities = getattr(config.secagg, "identities", None)  # each node gets its own client-<i>.key
+
+        def start_node(cid: int) -> None:
+            self.register(cid)
+            folder = self.root / "nodes" / f"client-{cid}"
+            for name, secret in (secrets or {}).items():
+                node_run_dir(config, folder, cid).private_file(name).write_text(secret + "\n", encoding="ascii")
+            data = next((self.root / "parts").glob(f"client-{cid}.*"))
+            nodes.append(f"node-{cid}")
+            self.join(nodes[-1], job, cid, cid, data, folder, (watermark_keys or {}).get(cid), threads,
+                      identity.private_file(identities, cid) if identities else None)
+
+        def line(text: str) -> None:
+            if "round 1/" in text and not any(f"node-{cid}" in nodes for cid in late):
+                for cid in late:
+                    start_node(cid)
+            if on_line is not None:
+                on_line(text)
+
         try:
             for cid in range(config.federation.clients):
-                self.register(cid)
-                folder = self.root / "nodes" / f"client-{cid}"
-                for name, secret in (secrets or {}).items():
-                    node_run_dir(config, folder, cid).private_file(name).write_text(secret + "\n", encoding="ascii")
-                data = next((self.root / "parts").glob(f"client-{cid}.*"))
-                nodes.append(f"node-{cid}")
-                self.join(nodes[-1], job, cid, cid, data, folder, (watermark_keys or {}).get(cid), threads,
-                          identity.private_file(identities, cid) if identities else None)
+                if cid not in late:
+                    start_node(cid)
             run_dir = self.root / "run"
             self.securefed_cli("flower", "app", str(job), "--out", str(self.root / "app"), "--run-dir", str(run_dir),
-                               "--reply-timeout", str(timeout))
-            self.finish(self.run(self.root / "app", timeout), timeout + 60, on_line)
+                               "--reply-timeout", str(timeout), *(["--join-timeout", "60"] if late else []))
+            self.finish(self.run(self.root / "app", timeout), timeout + 60, line)
         finally:
             for name in nodes:
                 self.stop(name)

@@ -40,10 +40,23 @@ POLL_SECONDS = 0.2
 class FlowerGrid(Grid):
     """Carries each request to its client's node and waits, up to a timeout, for the replies."""
 
-    def __init__(self, grid: FlowerGridApi, nodes: Mapping[int, int], timeout: float):
+    def __init__(self, grid: FlowerGridApi, nodes: Mapping[int, int], timeout: float, clients: int = 0,
+                 observer: Observer | None = None, asked: set[int] | None = None):
         self.grid = grid
         self.nodes = dict(nodes)  # client id → Flower node id
         self.timeout = timeout
+        self.clients, self.observer = clients, observer or Observer()
+        self.asked = set(asked or ())  # the nodes that already said which client they are, or that they are none
+
+    def joined(self) -> set[int]:
+        """Ask the nodes that came online since which client they are: a node that starts late joins the rounds
+        still to come."""
+        if len(self.nodes) >= self.clients:
+            return set()
+        before = set(self.nodes)
+        self.nodes = discover(self.grid, self.clients, 0.0, self.observer, found=self.nodes, asked=self.asked,
+                              hello_timeout=min(self.timeout, 30.0))
+        return set(self.nodes) - before
 
     def exchange(self, requests: Mapping[int, Message]) -> Exchange:
         out = Exchange(replies={}, dropped={})
@@ -97,17 +110,19 @@ def send(grid: FlowerGridApi, messages: Mapping[int, FlowerMessage], timeout: fl
     return replies
 
 
-def discover(grid: FlowerGridApi, clients: int, timeout: float, observer: Observer) -> dict[int, int]:
+def discover(grid: FlowerGridApi, clients: int, timeout: float, observer: Observer, *,
+             found: Mapping[int, int] | None = None, asked: set[int] | None = None,
+             hello_timeout: float = 30.0) -> dict[int, int]:
     """Ask each node that comes online which client it is, until every client is found or `timeout` passes; map
-    client ids to node ids."""
+    client ids to node ids. `found` and `asked` carry an earlier call's (a later look for late nodes)."""
     deadline = time.monotonic() + timeout
-    found: dict[int, int] = {}
-    asked: set[int] = set()
+    found = dict(found or {})
+    asked = set() if asked is None else asked
     while len(found) < clients:
-        new = sorted(set(grid.get_node_ids()) - asked)
-        asked.update(new)
+        new = sorted(set(grid.get_node_ids()) - asked - set(found.values()))
         hello = {node: _message(b"", node, HELLO, timeout) for node in new}
-        for node, reply in send(grid, hello, max(deadline - time.monotonic(), 30.0)).items():
+        for node, reply in send(grid, hello, max(deadline - time.monotonic(), hello_timeout)).items():
+            asked.add(node)  # a node that did not answer in time is asked again next time
             fields = _fields(reply, client=int) if reply.has_content() else None
             cid = fields["client"] if fields else -1
             if not 0 <= cid < clients:
@@ -122,7 +137,7 @@ def discover(grid: FlowerGridApi, clients: int, timeout: float, observer: Observ
         if len(found) < clients:
             time.sleep(1.0)
     missing = sorted(set(range(clients)) - set(found))
-    if missing:
+    if missing and timeout > 0:
         observer.notice(f"clients {missing} did not join within {timeout:g} s; they count as dropouts")
     return found
 
@@ -163,9 +178,10 @@ def run_job(grid: FlowerGridApi, app: AppConfig, log: Observer) -> RunDir:
     task = jobs.load_task(app.job, task_kind(app.job).party_splits(app.labels))
     run_dir = RunDir.create(app.job, app.run_dir)
     log.notice(f"run directory {run_dir.path}; waiting for {app.job.federation.clients} clients")
-    nodes = discover(grid, app.job.federation.clients, app.join_timeout, log)
+    asked: set[int] = set()
+    nodes = discover(grid, app.job.federation.clients, app.join_timeout, log, asked=asked)
     log.notice(f"{len(nodes)} of {app.job.federation.clients} clients joined")
-    flower_grid = FlowerGrid(grid, nodes, app.reply_timeout)
+    flower_grid = FlowerGrid(grid, nodes, app.reply_timeout, app.job.federation.clients, log, asked)
     conduct(task, run_dir, flower_grid, log,  # the watermark keys stay on the nodes
             open_model=lambda model: _final_model(flower_grid, model, task, log))
     log.notice(f"done: {run_dir.report_file}")

@@ -561,6 +561,9 @@ class SecAggPlusServer(SumServer):
             return {}
         raise ProtocolError(f"no setup step is pending (stage {self._stage})")
 
+    def renew(self, joined) -> bool:
+        return self._stage != "ready" or bool(set(joined) - self._graph.keys())
+
     def _request_shares(self, replies: Mapping[int, Message]) -> dict[int, Message]:
         for cid, advert in sorted(replies.items()):
             if cid in self._invited and isinstance(advert, KeyAdvert):
