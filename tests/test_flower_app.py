@@ -29,6 +29,7 @@ from securefed.data.datasets import label_names, load_labelled, load_splits  # n
 from securefed.data.partition import partition, write_partitions  # noqa: E402
 from securefed.errors import ConfigError, DataError, ProtocolError  # noqa: E402
 from securefed.interfaces import Observer  # noqa: E402
+from securefed.privacy.ledger import Ledger, ledger_file  # noqa: E402
 from securefed.protocol import TrainIns, decode  # noqa: E402
 from securefed.runtime import flower  # noqa: E402
 from securefed.runtime.deployment import AppConfig, check_deployable, deployed_job, make_certificates  # noqa: E402
@@ -176,6 +177,48 @@ def test_fedkseed_on_flower_keeps_each_replica_on_its_node_and_catches_up_a_node
         [file] = (tmp_path / f"node-{cid}").glob("*/secrets/replica-client-*")
         assert file.name == f"replica-client-{cid}" and file.stat().st_size == 3 * 64 * 4
         np.testing.assert_array_equal(np.fromfile(file, "<f4").reshape(3, 64), history.scalars[:3])
+
+
+class ServerDied(BaseException):
+    """The ServerApp's process ending: not an Exception, so nothing in securefed may swallow it."""
+
+
+def test_a_flower_server_that_dies_between_rounds_resumes_and_ends_with_the_uninterrupted_model(
+        tmp_path, tiny_model, sst2_sample):
+    """FedKSeed, SecAgg+ and DP-ZO on Flower: the ServerApp dies as it sends round 3. Run again (a new Flower run,
+    so every node's context starts empty), it goes on from its checkpoint of round 2, catches every node up and
+    ends with the model of a run that never stopped, bit for bit; no ledger passes its budget."""
+    job = write_job(tmp_path, tiny_model, *sst2_sample, peft=None,
+                    algorithm={"name": "fedkseed", "seeds": 64, "perturbation": 1e-3},
+                    federation={"rounds": 4, "local_steps": 4, "learning_rate": 1e-3},
+                    secagg={"mode": "secaggplus", "clip": 2.0**24}, privacy={"epsilon": 8.0, "max_grad_norm": 2.0})
+    job, app, contexts = deploy(tmp_path, job)
+
+    def die(node, msg):
+        if isinstance(msg, TrainIns) and msg.round == 3:
+            raise ServerDied
+
+    with pytest.raises(ServerDied):
+        flower.run_job(LoopbackGrid(contexts, die), app, Notes())
+    again = {node: Context(run_id=2, node_id=node, state=RecordDict(), run_config=c.run_config,
+                           node_config=c.node_config) for node, c in contexts.items()}
+    notes = Notes()
+    run = flower.run_job(LoopbackGrid(again), app, notes)
+    assert any("resuming after round 2 of 4" in line for line in notes.lines), notes.lines
+    records = run.records()
+    assert [r["round"] for r in records] == [1, 2, 3, 4] and [r["contributors"] for r in records] == [3] * 4
+    assert records[2]["catch_up"]["caught_up"] == 3  # the new server knows nothing of what the nodes hold
+    prepared = prepare(load_job(job), out=tmp_path / "local")
+    pin_secrets(tmp_path / "local")
+    reference = execute(prepared)
+    spec = prepared.task.bundle.view.spec.digest
+    np.testing.assert_array_equal(run.last_checkpoint(0, spec)[1].scalars,
+                                  reference.run.last_checkpoint(0, spec)[1].scalars)
+    config = load_job(job)
+    for cid in range(3):  # each node's ledger: its chain checks, one entry a round, within the budget
+        [folder] = (tmp_path / f"node-{cid}").glob("*/ledger")
+        entries = Ledger(ledger_file(folder, cid), config.job_id, cid).entries
+        assert [e.round for e in entries] == [1, 2, 3, 4] and entries[-1].epsilon <= 8.0
 
 
 class LateGrid(LoopbackGrid):

@@ -22,7 +22,8 @@ from ..errors import SecurefedError
 from ..interfaces import Exchange, Grid, Observer
 from ..protocol import FinalIns, FinalRes, Message, PlainModel, encode
 from ..report import headline_score
-from ..rundir import RunDir
+from ..rundir import RunDir, RunDirError
+from ..sums import sum_kind
 from .deployment import AppConfig, check_deployable
 from .node import Node, warm
 from .node import answer as node_answer
@@ -175,14 +176,19 @@ def run_job(grid: FlowerGridApi, app: AppConfig, log: Observer) -> RunDir:
     from .lifecycle import conduct
 
     check_deployable(app.job)
+    # a run directory of this job already: the server restarted (or the App was run again), so it goes on from the
+    # last round it committed, as `securefed run --resume` does
+    resuming = (app.run_dir / "job.toml").exists()
+    if resuming and (why := sum_kind(app.job).refuses_resume(app.job)):
+        raise RunDirError(f"cannot resume {app.run_dir}: {why}")
     task = jobs.load_task(app.job, task_kind(app.job).party_splits(app.labels))
-    run_dir = RunDir.create(app.job, app.run_dir)
+    run_dir = RunDir.for_job(app.job, app.run_dir)
     log.notice(f"run directory {run_dir.path}; waiting for {app.job.federation.clients} clients")
     asked: set[int] = set()
     nodes = discover(grid, app.job.federation.clients, app.join_timeout, log, asked=asked)
     log.notice(f"{len(nodes)} of {app.job.federation.clients} clients joined")
     flower_grid = FlowerGrid(grid, nodes, app.reply_timeout, app.job.federation.clients, log, asked)
-    conduct(task, run_dir, flower_grid, log,  # the watermark keys stay on the nodes
+    conduct(task, run_dir, flower_grid, log, resuming=resuming,  # the watermark keys stay on the nodes
             open_model=lambda model: _final_model(flower_grid, model, task, log))
     log.notice(f"done: {run_dir.report_file}")
     return run_dir
