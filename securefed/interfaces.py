@@ -112,6 +112,12 @@ class SumServer(ABC):
         """
         return {}
 
+    def participants(self, cohort: Sequence[int]) -> list[int]:
+        """The clients of `cohort` whose uploads this sum can take this round. Only they are asked to train, so no
+        client spends its privacy budget on a round it cannot join (one left out of the last setup still holds an
+        earlier one). A sum without setup takes anyone."""
+        return list(cohort)
+
     def renew(self, joined: Set[int]) -> bool:
         """Whether clients `joined`, newly reachable, need the setup run again (for the rounds left) to take part;
         True too when the last setup did not complete. A sum without setup takes anyone's upload."""

@@ -201,7 +201,10 @@ class Server:
         ins = TrainIns(round=log.round, spec=self.spec, model=self.broadcast(model, log), bound=self._bound,
                        examples=self._examples)
         log.told = hashlib.sha256(encode(ins)).digest()  # the same for every client: hardened SecAgg+ checks it
-        exchange = log.add(self.grid.exchange(dict.fromkeys(log.cohort, ins)))
+        members = self.secure_sum.participants(log.cohort)
+        for cid in sorted(set(log.cohort) - set(members)):
+            log.dropped[cid] = "not in the secure sum's setup, so not asked to train"
+        exchange = log.add(self.grid.exchange(dict.fromkeys(members, ins)))
         log.train_seconds = exchange.client_seconds
         results = {}
         for cid, reply in exchange.replies.items():

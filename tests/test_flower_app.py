@@ -30,12 +30,13 @@ from securefed.data.partition import partition, write_partitions  # noqa: E402
 from securefed.errors import ConfigError, DataError, ProtocolError  # noqa: E402
 from securefed.interfaces import Observer  # noqa: E402
 from securefed.privacy.ledger import Ledger, ledger_file  # noqa: E402
-from securefed.protocol import TrainIns, decode  # noqa: E402
+from securefed.protocol import SeedHistory, SeedUpdate, TrainIns, decode, encode  # noqa: E402
 from securefed.runtime import flower  # noqa: E402
 from securefed.runtime.deployment import AppConfig, check_deployable, deployed_job, make_certificates  # noqa: E402
 from securefed.runtime.local import execute, prepare  # noqa: E402
 from securefed.runtime.node import Node, NodeState  # noqa: E402
 from securefed.secagg.identity import generate, private_file  # noqa: E402
+from securefed.secagg.secaggplus import SetupStart  # noqa: E402
 from securefed.tasks import task_kind  # noqa: E402
 
 SECRET = "0123456789abcdef" * 4
@@ -283,6 +284,26 @@ def test_a_late_node_joins_a_fedavg_job_under_secaggplus(deployed):
                          dataclasses.replace(app, join_timeout=1.0), notes)
     assert [r["contributors"] for r in run.records()] == [2, 3]
     assert any("clients [2] joined before round 2" in line for line in notes.lines)
+
+
+def test_a_client_left_out_of_a_new_setup_is_not_asked_to_train_and_spends_nothing(deployed):
+    """A late node makes the server run SecAgg+'s setup again; client 1 misses it and still holds the first one. It
+    could train, spend ε and have its upload refused every round: it is not asked to train at all."""
+    import dataclasses
+
+    job, app, contexts = deployed
+    grid = LateGrid(contexts, late=1002, trigger=1000, round=1)
+    watch = grid.before
+    grid.before = lambda node, msg: watch(node, msg) and not (node == 1001 and isinstance(msg, SetupStart)
+                                                              and msg.first_round == 2)
+    run = flower.run_job(grid, dataclasses.replace(app, join_timeout=1.0), Notes())
+    assert [r["contributors"] for r in run.records()] == [2, 2]  # round 1: clients 0, 1; round 2: clients 0, 2
+    config = load_job(job)
+    spent = {}
+    for cid in range(3):
+        [folder] = (Path(contexts[1000 + cid].node_config["dir"])).glob("*/ledger")
+        spent[cid] = [e.round for e in Ledger(ledger_file(folder, cid), config.job_id, cid).entries]
+    assert spent == {0: [1, 2], 1: [1], 2: [2]}
 
 
 def test_a_hardened_job_runs_on_flower_with_each_identity_key_on_its_own_node(tmp_path, tiny_model, sst2_sample):
@@ -693,11 +714,17 @@ def test_a_node_answers_one_message_at_a_time_for_a_job(tmp_path):
 
 def test_a_secure_sum_stage_is_answered_in_a_new_process_without_torch(deployed):
     """Under Flower's subprocess isolation a node answers each message in a new process: SecAgg+'s stages need no
-    model, so they must not pay for importing torch."""
+    model, so they must not pay for importing torch; and such a process decodes FedKSeed's messages before it has
+    loaded any algorithm."""
     job, app, contexts = deployed
+    fedkseed = [encode(TrainIns(round=2, spec=bytes(32), model=SeedUpdate(round=1, parent=bytes(32),
+                                                                          scalars=np.ones(4, np.float32)))),
+                encode(SeedHistory(first=1, parent=bytes(32), scalars=np.ones((2, 4), np.float32)))]
     script = f"""
 import sys
 from securefed.protocol import decode, encode
+for wire in {fedkseed!r}:
+    decode(wire)
 from securefed.runtime.deployment import AppConfig
 from securefed.runtime.node import Node, answer
 from securefed.secagg.secaggplus import KeyAdvert, SetupStart

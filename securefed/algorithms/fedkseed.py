@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import torch
@@ -21,7 +20,8 @@ from ..config import FedKSeedConfig, JobConfig
 from ..errors import ConfigError, ProtocolError, RoundAborted
 from ..interfaces import Encoding, SealedSum, SumResult
 from ..models.gguf import cache_root
-from ..protocol import Array, MaxLen, Message, TrainIns, TrainRes, message
+from ..protocol import Message, TrainIns, TrainRes
+from ..protocol.seeds import ReplicaHead, SeedHistory, SeedUpdate
 from ..rundir import RunDir
 from ..seeding import stream
 from ..server import Server, _RoundLog, examples_in
@@ -29,36 +29,7 @@ from .base import Algorithm
 from .replica import Replica, WeightStore
 from .seeds import SeedPool, genesis
 
-Head = Annotated[bytes, MaxLen(32)]
 _PASS_TOKENS = 512  # a forward pass without gradients, cut by length: padding is most of a mixed batch's cost
-
-
-@message(96)
-class SeedUpdate(Message):
-    """What TrainIns carries: round `round`'s mean scalars (none for round 0), to replay after chain head
-    `parent`."""
-
-    round: int
-    parent: Head
-    scalars: Annotated[np.ndarray, Array(("float32",))]
-
-
-@message(97)
-class SeedHistory(Message):
-    """Rounds first.. of mean scalars, a row each, after chain head `parent`: the server's state (its checkpoint)
-    and a catch-up for a client behind."""
-
-    first: int
-    parent: Head
-    scalars: Annotated[np.ndarray, Array(("float32",), ndim=2)]
-
-
-@message(98)
-class ReplicaHead(Message):
-    """A client's replica after a catch-up."""
-
-    round: int
-    head: Head
 
 
 class SeedClient(Client):

@@ -2,7 +2,7 @@
 
 Mechanism-specific messages (the secure sum's uploads and follow-up stages) live with
 their mechanism and register their own tags. Tags: 1-15 here, 16-31 plaintext sum,
-32-63 SecAgg+, 64-95 CKKS.
+32-63 SecAgg+, 64-95 CKKS, 96-127 FedKSeed (seeds.py).
 """
 
 from __future__ import annotations

@@ -561,6 +561,9 @@ class SecAggPlusServer(SumServer):
             return {}
         raise ProtocolError(f"no setup step is pending (stage {self._stage})")
 
+    def participants(self, cohort: Sequence[int]) -> list[int]:
+        return [c for c in cohort if c in self._graph] if self._stage == "ready" else []
+
     def renew(self, joined) -> bool:
         return self._stage != "ready" or bool(set(joined) - self._graph.keys())
 
