@@ -184,6 +184,7 @@ class ServerDied(BaseException):
     """The ServerApp's process ending: not an Exception, so nothing in securefed may swallow it."""
 
 
+@pytest.mark.slow  # whole multi-round jobs; the default tier's time budget
 def test_a_flower_server_that_dies_between_rounds_resumes_and_ends_with_the_uninterrupted_model(
         tmp_path, tiny_model, sst2_sample):
     """FedKSeed, SecAgg+ and DP-ZO on Flower: the ServerApp dies as it sends round 3. Run again (a new Flower run,
@@ -239,6 +240,7 @@ class LateGrid(LoopbackGrid):
         return [n for n in self.contexts if n != self.late or self.online]
 
 
+@pytest.mark.slow  # whole multi-round jobs; the default tier's time budget
 def test_fedkseed_on_flower_takes_in_a_node_that_starts_late(tmp_path, tiny_model, sst2_sample):
     """Node 2 is offline before round 1 (so out of the SecAgg+ setup) and comes online during round 2. Before
     round 3 the server finds it, runs the setup again for rounds 3..4, catches it up, and it trains: the history
